@@ -1,0 +1,1 @@
+"""Checkpoint -> ONNX (FP32/FP16/INT8) -> verifiable model bundle, and TensorRT engines."""

@@ -1,0 +1,1 @@
+"""The torch-free device runtime: bundles, backends, prototypes, streaming clustering, daemon."""

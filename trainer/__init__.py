@@ -1,0 +1,1 @@
+"""Unsupervised meta-learning of the encoder (PyTorch). Import submodules explicitly."""
