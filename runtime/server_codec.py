@@ -1,0 +1,135 @@
+"""Request bodies -> uint8 pixels, and pixels -> PNG thumbnails, for the daemon.
+
+Everything a client sends is untrusted: the npy header is parsed without pickle and checked
+against the body's length before any array is made, images are checked for size before they are
+decoded (decompression bombs), and every failure is an InputError that becomes a 4xx.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+
+from .errors import InputError
+from .validation import validate_pixels
+
+NPY_TYPES = ("application/x-npy", "application/octet-stream")
+IMAGE_TYPES = ("image/png", "image/jpeg")
+MAX_NPY_HEADER = 4096
+MAX_IMAGE_SIDE = 4096  # a PNG/JPEG is resized to the model's input; bigger is not a camera frame
+
+
+def parse_npy(body: bytes, max_images: int) -> np.ndarray:
+    """A uint8 array from .npy bytes (format 1.0/2.0/3.0), without pickle and without copying
+    more than the array itself."""
+    buf = io.BytesIO(body)
+    try:
+        major, minor = np.lib.format.read_magic(buf)
+    except ValueError as e:
+        raise InputError(f"not an .npy body ({e})") from None
+    try:
+        if (major, minor) == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf, max_header_size=MAX_NPY_HEADER)
+        elif (major, minor) in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf, max_header_size=MAX_NPY_HEADER)
+        else:
+            raise InputError(f"unsupported .npy format version {major}.{minor}")
+    except InputError:
+        raise
+    except (ValueError, SyntaxError, TypeError, UnicodeDecodeError, OverflowError) as e:
+        raise InputError(f"malformed .npy header ({e})") from None
+    if dtype.hasobject:
+        raise InputError("object arrays are refused (no pickle)")
+    if dtype != np.uint8:
+        raise InputError(f"pixels must be uint8, got {dtype}")
+    if len(shape) not in (3, 4):
+        raise InputError(f"pixels must be shaped [N, H, W] or [N, C, H, W], got {list(shape)}")
+    if shape[0] > max_images:
+        raise InputError(f"{shape[0]} images in one request, more than the limit of {max_images}")
+    count = 1
+    for s in shape:
+        count *= int(s)
+    offset = buf.tell()
+    if len(body) - offset != count:
+        raise InputError(f"the .npy header promises {count} bytes of pixels, the body has {len(body) - offset}")
+    arr = np.frombuffer(body, dtype=np.uint8, count=count, offset=offset)
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
+def parse_image(body: bytes, channels: int, height: int, width: int) -> np.ndarray:
+    """One PNG/JPEG -> uint8 [1, C, H, W], converted to the model's channels and resized to its input."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        im = Image.open(io.BytesIO(body))
+        if im.format not in ("PNG", "JPEG"):
+            raise InputError(f"expected a PNG or JPEG image, got {im.format}")
+        if max(im.size) > MAX_IMAGE_SIDE:
+            raise InputError(f"image is {im.size[0]}x{im.size[1]}, larger than {MAX_IMAGE_SIDE} pixels a side")
+        im = im.convert("L" if channels == 1 else "RGB")
+        if im.size != (width, height):
+            im = im.resize((width, height), Image.BILINEAR)
+        arr = np.asarray(im, dtype=np.uint8)
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            EOFError) as e:
+        raise InputError(f"unreadable image ({type(e).__name__}: {e})") from None
+    arr = arr[None, None] if channels == 1 else arr.transpose(2, 0, 1)[None]
+    return np.ascontiguousarray(arr)
+
+
+def decode_pixels(body: bytes, content_type: str, input_spec: dict, max_images: int) -> np.ndarray:
+    """Body -> validated uint8 [N, C, H, W] for this bundle, or InputError."""
+    c, h, w = input_spec["channels"], input_spec["height"], input_spec["width"]
+    if not body:
+        raise InputError("empty body: send an application/x-npy array or one image/png or image/jpeg")
+    if content_type in NPY_TYPES:
+        pixels = parse_npy(body, max_images)
+    elif content_type in IMAGE_TYPES:
+        pixels = parse_image(body, c, h, w)
+    else:
+        raise InputError(f"unsupported Content-Type {content_type!r}; use application/x-npy, image/png "
+                         "or image/jpeg")
+    return validate_pixels(pixels, c, h, w)
+
+
+def parse_json(body: bytes, max_bytes: int = 1 << 16) -> dict:
+    if len(body) > max_bytes:
+        raise InputError(f"JSON body larger than {max_bytes} bytes")
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise InputError(f"body is not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise InputError("JSON body must be an object")
+    return doc
+
+
+def parse_labels(raw, n: int, max_len: int = 200) -> list[str]:
+    """Labels for /v1/examples: a JSON list of n non-empty strings."""
+    try:
+        labels = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise InputError(f"labels must be a JSON list of strings ({e})") from None
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise InputError("labels must be a JSON list of strings")
+    if len(labels) != n:
+        raise InputError(f"{len(labels)} labels for {n} images")
+    for x in labels:
+        if not x.strip() or len(x) > max_len:
+            raise InputError(f"each label must be a non-empty string of at most {max_len} characters")
+    return labels
+
+
+def png_base64(img: np.ndarray) -> str:
+    """uint8 [C, H, W] -> base64 PNG, for thumbnails inside JSON answers."""
+    from PIL import Image
+
+    x = np.asarray(img, dtype=np.uint8)
+    x = x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)
+    out = io.BytesIO()
+    Image.fromarray(x).save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode("ascii")

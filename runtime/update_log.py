@@ -1,0 +1,268 @@
+"""Append-only log of acknowledged state updates, replayed on start after the last snapshot.
+
+Why a log: the daemon answers an update only once its record is in the log, so a crash (kill -9)
+after the answer cannot lose it; snapshots are too expensive to take per request.
+
+File layout: ``<dir>/<first_seq:020d>.log`` segments, one per snapshot interval. Every record is
+
+    u32 payload_len | u64 seq | u32 crc32(seq bytes + payload) | payload
+
+and a payload is ``u32 header_len | JSON header | raw array bytes``. The JSON header names the
+operation, its scalar arguments and the dtype/shape of each array (numeric dtypes only, read with
+``np.frombuffer``: nothing in the log can execute code). Sequence numbers are global and
+contiguous; a snapshot stores the last sequence it contains, so replay skips what it already has
+and nothing is applied twice.
+
+A torn or corrupt tail (short header, short payload, bad CRC, out-of-order sequence, undecodable
+payload) ends replay: that record and everything after it are cut from disk, never applied.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_HEAD = struct.Struct("<IQI")
+_U32 = struct.Struct("<I")
+_SEQ = struct.Struct("<Q")
+# Far above any record the daemon writes (bodies are size-limited), far below "read garbage
+# as a length and allocate gigabytes".
+MAX_RECORD_BYTES = 1 << 30
+_ALLOWED_DTYPES = {"<f4", "<f8", "|u1", "<i8", "<i4"}
+FSYNC_POLICIES = ("always", "interval")
+
+
+class LogError(ValueError):
+    pass
+
+
+@dataclass
+class Record:
+    seq: int
+    op: str
+    args: dict = field(default_factory=dict)
+    arrays: list = field(default_factory=list)
+
+
+def encode_payload(op: str, args: dict, arrays: list[np.ndarray]) -> bytes:
+    specs, blobs = [], []
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        dtype = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
+        a = a.astype(dtype, copy=False)
+        if dtype.str not in _ALLOWED_DTYPES:
+            raise LogError(f"cannot log an array of dtype {a.dtype}")
+        specs.append({"dtype": dtype.str, "shape": list(a.shape)})
+        blobs.append(a.tobytes())
+    header = json.dumps({"op": op, "args": args, "arrays": specs}, separators=(",", ":")).encode()
+    return b"".join([_U32.pack(len(header)), header, *blobs])
+
+
+def decode_payload(seq: int, payload: bytes) -> Record:
+    if len(payload) < _U32.size:
+        raise LogError("payload shorter than its header length")
+    (hlen,) = _U32.unpack_from(payload)
+    end = _U32.size + hlen
+    if end > len(payload):
+        raise LogError("header length past the end of the payload")
+    header = json.loads(payload[_U32.size:end])
+    arrays, pos = [], end
+    for spec in header["arrays"]:
+        if spec["dtype"] not in _ALLOWED_DTYPES:
+            raise LogError(f"unexpected dtype {spec['dtype']!r}")
+        dtype = np.dtype(spec["dtype"])
+        shape = tuple(int(s) for s in spec["shape"])
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if pos + nbytes > len(payload):
+            raise LogError("array data past the end of the payload")
+        arrays.append(np.frombuffer(payload, dtype=dtype, count=nbytes // dtype.itemsize,
+                                    offset=pos).reshape(shape).copy())
+        pos += nbytes
+    if pos != len(payload):
+        raise LogError("trailing bytes after the arrays")
+    return Record(seq=seq, op=str(header["op"]), args=dict(header["args"]), arrays=arrays)
+
+
+def encode_record(seq: int, payload: bytes) -> bytes:
+    seq_bytes = _SEQ.pack(seq)
+    return _HEAD.pack(len(payload), seq, zlib.crc32(payload, zlib.crc32(seq_bytes))) + payload
+
+
+def _segments(directory: Path) -> list[tuple[int, Path]]:
+    out = []
+    for p in directory.glob("*.log"):
+        try:
+            out.append((int(p.stem), p))
+        except ValueError:
+            continue
+    return sorted(out)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_segment(path: Path, expect_seq: int | None) -> tuple[list[Record], int, str | None]:
+    """Records of one segment up to the first bad one: (records, good_bytes, why_it_stopped)."""
+    data = path.read_bytes()
+    records, pos = [], 0
+    while pos < len(data):
+        if len(data) - pos < _HEAD.size:
+            return records, pos, f"torn record header at byte {pos}"
+        length, seq, crc = _HEAD.unpack_from(data, pos)
+        if length > MAX_RECORD_BYTES:
+            return records, pos, f"implausible record length {length} at byte {pos}"
+        start = pos + _HEAD.size
+        if start + length > len(data):
+            return records, pos, f"torn record payload at byte {pos}"
+        payload = data[start:start + length]
+        if zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq))) != crc:
+            return records, pos, f"CRC mismatch at byte {pos}"
+        if expect_seq is not None and seq != expect_seq:
+            return records, pos, f"sequence {seq} where {expect_seq} was expected at byte {pos}"
+        try:
+            records.append(decode_payload(seq, payload))
+        except (LogError, ValueError, KeyError, TypeError) as e:
+            return records, pos, f"undecodable record at byte {pos} ({e})"
+        expect_seq = seq + 1
+        pos = start + length
+    return records, pos, None
+
+
+class UpdateLog:
+    """Single writer; callers serialise appends (the daemon does all mutations on one thread)."""
+
+    def __init__(self, directory: str | os.PathLike, fsync: str = "always", interval_s: float = 1.0):
+        if fsync not in FSYNC_POLICIES:
+            raise LogError(f"fsync policy must be one of {FSYNC_POLICIES}, not {fsync!r}")
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.policy = fsync
+        self.interval_s = float(interval_s)
+        self.last_seq = 0
+        self._fd: int | None = None
+        self._segment: Path | None = None
+        self._dirty = False
+        self._lock = threading.Lock()
+        self._last_sync = time.monotonic()
+        self.fsyncs = 0
+        self.bytes_written = 0
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def recover(self, after_seq: int) -> list[Record]:
+        """Records with seq > after_seq, in order; cuts a torn/corrupt tail from disk.
+
+        Raises LogError when the log does not continue the snapshot (a gap): replaying would
+        silently build a state that no client was ever told about."""
+        out: list[Record] = []
+        expect: int | None = None
+        segments = _segments(self.dir)
+        cut_rest = False
+        for first, path in segments:
+            if cut_rest:
+                log.error("update log: dropping segment %s after a corrupt record", path.name)
+                path.unlink()
+                continue
+            if expect is not None and first != expect:
+                log.error("update log: segment %s starts at %d, expected %d; dropping it", path.name, first, expect)
+                path.unlink()
+                cut_rest = True
+                continue
+            records, good, why = read_segment(path, first)
+            if why is not None:
+                log.error("update log: %s in %s; cutting %d bytes", why, path.name, path.stat().st_size - good)
+                with open(path, "r+b") as f:
+                    f.truncate(good)
+                    f.flush()
+                    os.fsync(f.fileno())
+                cut_rest = True
+            out.extend(records)
+            if records:
+                expect = records[-1].seq + 1
+            elif expect is None:
+                expect = first
+        fresh = [r for r in out if r.seq > after_seq]
+        if fresh and fresh[0].seq != after_seq + 1:
+            raise LogError(f"the update log starts at sequence {fresh[0].seq} but the snapshot ends at "
+                           f"{after_seq}: records are missing, refusing to build a state with a hole")
+        self.last_seq = max(after_seq, out[-1].seq if out else 0)
+        return fresh
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def open_segment(self) -> None:
+        """Start appending in a new segment that begins after the last known sequence."""
+        self.close()
+        self._segment = self.dir / f"{self.last_seq + 1:020d}.log"
+        if self._segment.exists():
+            # A segment that starts at the next sequence holds nothing valid (recover checked it).
+            self._segment.unlink()
+        self._fd = os.open(self._segment, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        _fsync_dir(self.dir)
+
+    def append(self, op: str, args: dict | None = None, arrays: list[np.ndarray] | None = None) -> int:
+        """Write one record; durable on return when policy is 'always' (unless sync=False)."""
+        if self._fd is None:
+            self.open_segment()
+        seq = self.last_seq + 1
+        buf = encode_record(seq, encode_payload(op, args or {}, arrays or []))
+        with self._lock:
+            view = memoryview(buf)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+            self.last_seq = seq
+            self._dirty = True
+            self.bytes_written += len(buf)
+        return seq
+
+    def commit(self) -> None:
+        """Make what was appended durable according to the policy. Group commit: call once per
+        batch of appends, before answering any of them."""
+        if self.policy == "always":
+            self.sync()
+        elif time.monotonic() - self._last_sync >= self.interval_s:
+            self.sync()
+
+    def sync(self) -> None:
+        with self._lock:
+            if self._fd is not None and self._dirty:
+                os.fsync(self._fd)
+                self.fsyncs += 1
+                self._dirty = False
+            self._last_sync = time.monotonic()
+
+    def drop_before(self, seq: int) -> None:
+        """Delete the segments whose records all have sequence <= seq (a snapshot holds them)."""
+        segments = _segments(self.dir)
+        for i, (first, path) in enumerate(segments):
+            nxt = segments[i + 1][0] if i + 1 < len(segments) else None
+            if path == self._segment:
+                continue
+            if nxt is not None and nxt - 1 <= seq:
+                path.unlink()
+        _fsync_dir(self.dir)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self.sync()
+            os.close(self._fd)
+            self._fd = None
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for _, p in _segments(self.dir))
