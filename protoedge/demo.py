@@ -1,0 +1,291 @@
+"""`protoedge demo`: the whole pipeline on the shipped Omniglot data in a few minutes.
+
+meta-train briefly without labels (or take the committed encoder) -> export an FP32 bundle ->
+verify it -> start the runtime -> stream never-seen alphabets unlabelled, in random order, through
+Runtime.cluster -> score against the truth -> run directory + HTML report -> summary.
+
+Only click is imported at module level (the CLI's rule); torch is needed only to train/export.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+REPO = Path(__file__).resolve().parent.parent
+PRETRAINED_CHECKPOINT = REPO / "models" / "omniglot" / "encoder.safetensors"
+PRETRAINED_BUNDLE = REPO / "models" / "omniglot" / "bundle"
+PRETRAINED_METRICS = REPO / "models" / "omniglot" / "metrics.jsonl"
+PROTOCOL = "omniglot-a"
+
+
+@dataclass
+class DemoOptions:
+    out: Path
+    pretrained: bool = False
+    time_budget_s: float = 120.0
+    alphabets: int = 3
+    seed: int = 0
+    batch: int = 1
+    backend: str = "auto"
+    threshold: float | None = None
+    export_episodes: int = 200
+    progress: bool = True
+
+
+class Stopwatch:
+    """Seconds per named step, for run.json's "timings_s"."""
+
+    def __init__(self):
+        self.start, self.timings = time.perf_counter(), {}
+
+    def step(self, name: str, since: float) -> None:
+        self.timings[name] = round(time.perf_counter() - since, 2)
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 2)
+
+
+# ----------------------------------------------------------------------------- steps
+
+def obtain_checkpoint(opts: DemoOptions) -> tuple[Path, dict]:
+    """(checkpoint path, training facts for run.json); trains into OUT/train unless --pretrained."""
+    if opts.pretrained:
+        if not PRETRAINED_CHECKPOINT.is_file():
+            raise click.ClickException(f"{PRETRAINED_CHECKPOINT} is missing: run `protoedge demo` "
+                                       "without --pretrained to train one")
+        return PRETRAINED_CHECKPOINT, {"source": "committed", "checkpoint": str(PRETRAINED_CHECKPOINT)}
+    from ._deps import require_torch
+
+    require_torch()
+    from .trainer.config import recipe_config
+    from .trainer.train import train
+
+    cfg = recipe_config("default", PROTOCOL, time_budget_s=opts.time_budget_s, seed=opts.seed)
+    train_dir = opts.out / "train"
+    shutil.rmtree(train_dir, ignore_errors=True)  # metrics.jsonl is appended to; start clean
+    click.echo(f"[1/4] meta-training without labels on {PROTOCOL} for {opts.time_budget_s:.0f} s")
+    path = train(cfg, train_dir, progress=opts.progress)
+    return path, {"source": "trained", "checkpoint": str(path), "recipe": cfg.recipe,
+                  "time_budget_s": opts.time_budget_s}
+
+
+def obtain_bundle(opts: DemoOptions, checkpoint: Path):
+    """Export FP32 (reduced precisions are left to `protoedge export`: they cost minutes), or reuse
+    the committed bundle with --pretrained; either way load_bundle verifies schema and hashes."""
+    from .runtime.bundle import BundleError, load_bundle
+
+    if opts.pretrained and PRETRAINED_BUNDLE.is_dir():
+        click.echo(f"[2/4] using the committed bundle {PRETRAINED_BUNDLE}")
+        return PRETRAINED_BUNDLE
+    from .export.pipeline import ExportOptions, export_bundle
+
+    click.echo("[2/4] exporting the encoder to ONNX (FP32) and calibrating distances")
+    out = opts.out / "bundle"
+    export_bundle(checkpoint, out, ExportOptions(precisions=("fp32",), episodes=opts.export_episodes,
+                                                 seed=opts.seed, progress=opts.progress))
+    try:
+        load_bundle(out)
+    except BundleError as e:
+        raise click.ClickException(f"the exported bundle does not verify: {e}") from None
+    return out
+
+
+def unseen_stream(opts: DemoOptions):
+    """Test images of `alphabets` alphabets that have no character in the training split, shuffled.
+    Returns (ImageSet with labels 0..K-1, class names, alphabet names)."""
+    import numpy as np
+
+    from .datasets import load_split
+
+    train, test = load_split(PROTOCOL, "train"), load_split(PROTOCOL, "test")
+    alphabet = lambda names: np.array([n.split("/")[0] for n in names])
+    unseen = sorted(set(alphabet(test.class_names)) - set(alphabet(train.class_names)))
+    if opts.alphabets > len(unseen):
+        raise click.ClickException(f"--alphabets {opts.alphabets}: {PROTOCOL} has only {len(unseen)} "
+                                   f"never-seen alphabets ({', '.join(unseen)})")
+    rng = np.random.default_rng(opts.seed)
+    chosen = sorted(rng.choice(unseen, opts.alphabets, replace=False).tolist())
+    keep = np.flatnonzero(np.isin(alphabet(test.class_names)[test.labels], chosen))
+    stream = test.subset(rng.permutation(keep))
+    classes, labels = np.unique(stream.labels, return_inverse=True)
+    stream.labels = labels.astype(np.int64)
+    return stream, [test.class_names[c] for c in classes], chosen
+
+
+def cluster_stream(rt, images, batch: int, progress: bool):
+    """Feed the stream through Runtime.cluster `batch` images at a time, as a camera would.
+    Returns (cluster id per image as assigned, per-image latency in ms)."""
+    import numpy as np
+    from tqdm import tqdm
+
+    assigned = np.empty(len(images), np.int64)
+    latency = np.empty(len(images), np.float64)
+    with tqdm(total=len(images), desc="stream", unit="img", disable=not progress, leave=False) as bar:
+        for i in range(0, len(images), batch):
+            x = images[i:i + batch]
+            t0 = time.perf_counter()
+            out = rt.cluster(x)
+            latency[i:i + len(x)] = (time.perf_counter() - t0) * 1000.0 / len(x)
+            assigned[i:i + len(x)] = [a.cluster_id for a in out]
+            bar.update(len(x))
+    return assigned, latency
+
+
+def final_clusters(clusterer, assigned):
+    """Where each image's cluster ended up: merges redirect ids; dissolved or evicted clusters keep
+    the id they had (they are still a group the device formed)."""
+    import numpy as np
+
+    cache = {}
+    for cid in np.unique(assigned).tolist():
+        try:
+            cache[cid] = clusterer.resolve(cid)
+        except (ValueError, KeyError):
+            cache[cid] = cid
+    return np.array([cache[c] for c in assigned.tolist()], np.int64)
+
+
+# ----------------------------------------------------------------------------- the demo
+
+def clear_run_files(out: Path) -> None:
+    """Remove what an earlier run left (a stale metrics.jsonl would draw another run's curves);
+    only the run directory's own files, never the folder itself: --out may be a user's folder."""
+    from . import rundir
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (rundir.RUN_JSON, rundir.METRICS, rundir.STREAM, rundir.REPORT):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / rundir.FIGURES, ignore_errors=True)
+
+
+def run_demo(opts: DemoOptions) -> Path:
+    """Every step of the demo; returns the run directory (with run.json, stream.npz, metrics)."""
+    import numpy as np
+
+    from . import rundir
+    from .runtime import Runtime
+    from .runtime.bundle import BundleError, load_bundle
+    from .streamstats import stream_sections
+
+    watch = Stopwatch()
+    clear_run_files(opts.out)
+    t = time.perf_counter()
+    checkpoint, training = obtain_checkpoint(opts)
+    watch.step("train", t)
+
+    t = time.perf_counter()
+    bundle_dir = obtain_bundle(opts, checkpoint)
+    watch.step("export", t)
+
+    click.echo("[3/4] verifying the bundle and starting the runtime")
+    t = time.perf_counter()
+    try:
+        bundle = load_bundle(bundle_dir)
+    except BundleError as e:
+        raise click.ClickException(str(e)) from None
+    params = {} if opts.threshold is None else {"threshold": opts.threshold}
+    rt = Runtime(bundle, backend=opts.backend, **params)
+    watch.step("verify_and_start", t)
+
+    stream, class_names, alphabets = unseen_stream(opts)
+    click.echo(f"[4/4] streaming {len(stream)} unlabelled images of {len(class_names)} never-seen "
+               f"characters ({', '.join(alphabets)}) in random order")
+    t = time.perf_counter()
+    assigned, latency = cluster_stream(rt, stream.images, opts.batch, opts.progress)
+    watch.step("stream", t)
+    t = time.perf_counter()
+    embedding = rt.embed(stream.images)  # for the report's projection; outside the timed stream
+    watch.step("embed_for_report", t)
+    final = final_clusters(rt.clusterer, assigned)
+
+    sections = stream_sections(final, stream.labels, class_names, latency)
+    online = stream_sections(assigned, stream.labels)["summary"]
+    sections["summary"].update(acc_as_assigned=online["acc"], ari_as_assigned=online["ari"])
+    clusterer_params = rt.clusterer.get_params()
+    run = rundir.new_run(
+        "demo", f"demo-seed{opts.seed}",
+        **sections,
+        timings_s={**watch.timings, "total": watch.total()},
+        training=training,
+        settings={"protocol": PROTOCOL, "alphabets": alphabets, "seed": opts.seed, "batch": opts.batch,
+                  "pretrained": opts.pretrained, "backend": getattr(rt, "backend", opts.backend),
+                  "precision": "fp32", "distance": clusterer_params["distance"],
+                  "threshold": clusterer_params["threshold"], "bundle": str(bundle_dir)},
+        class_names=class_names,
+    )
+    rundir.write_run_json(opts.out, run)
+    rundir.write_stream(opts.out, stream.images, final, labels=stream.labels,
+                        embedding=embedding.astype(np.float32), latency_ms=latency.astype(np.float32))
+    metrics = opts.out / "train" / rundir.METRICS if not opts.pretrained else PRETRAINED_METRICS
+    if metrics.is_file():
+        shutil.copyfile(metrics, opts.out / rundir.METRICS)
+    return opts.out
+
+
+def summary_lines(run: dict) -> list[str]:
+    """The terminal summary, with the report's number formatting (the same values as run.json)."""
+    from .report import format_value as f
+
+    s, lat, tim = run["summary"], run.get("latency_ms", {}), run["timings_s"]
+    return [
+        f"clusters found {f(s['clusters_found'])} for {f(s['clusters_true'])} true characters "
+        f"({f(s['images'])} images)",
+        f"Hungarian ACC {f(s['acc'])}   ARI {f(s['ari'])}   NMI {f(s['nmi'])}   "
+        f"(as assigned online: ACC {f(s['acc_as_assigned'])}, ARI {f(s['ari_as_assigned'])})",
+        f"latency per image: p50 {f(lat.get('p50'))} ms, p99 {f(lat.get('p99'))} ms "
+        f"({f(lat.get('images_per_s'))} images/s, batch {f(run['settings']['batch'])})",
+        f"time: {f(tim['total'])} s in all (training {f(tim['train'])} s, export {f(tim['export'])} s, "
+        f"stream {f(tim['stream'])} s)",
+    ]
+
+
+@click.command()
+@click.option("--pretrained", is_flag=True,
+              help="Start from the committed encoder and bundle (models/omniglot/) instead of training.")
+@click.option("--time-budget", default="2m", show_default=True,
+              help="Meta-training time (e.g. 90s, 2m); ignored with --pretrained.")
+@click.option("--alphabets", default=3, show_default=True, type=click.IntRange(1, None),
+              help="How many never-seen alphabets to stream (chosen with --seed).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seeds training, alphabet choice and order.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1, None),
+              help="Images per runtime call (1 = a frame at a time).")
+@click.option("--backend", default="auto", show_default=True, help="Runtime backend (auto, cpu, cuda, tensorrt).")
+@click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="New-cluster distance; default from the bundle's calibration.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
+              show_default=True, help="Run directory to write (replaced).")
+@click.option("--no-report", is_flag=True, help="Skip the HTML report.")
+def demo_command(pretrained, time_budget, alphabets, seed, batch, backend, threshold, out, no_report):
+    """Train briefly without labels, export, verify, and cluster never-seen alphabets; writes a report.
+
+    The README's first command (`make demo`). About 3-4 minutes on a 2-core CPU; with --pretrained
+    about half a minute.
+    """
+    from . import rundir
+    from .app_cli import report_or_explain
+
+    try:
+        from .trainer.config import parse_duration
+        seconds = parse_duration(time_budget)
+    except ImportError:  # no torch: only --pretrained can run; the budget is unused then
+        seconds = 120.0
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--time-budget") from None
+    opts = DemoOptions(out=out, pretrained=pretrained, time_budget_s=seconds, alphabets=alphabets, seed=seed,
+                       batch=batch, backend=backend, threshold=threshold)
+    from .runtime.errors import InputError, StateError
+
+    try:
+        run_dir = run_demo(opts)
+    except (InputError, StateError) as e:
+        raise click.ClickException(str(e)) from None
+    run = rundir.read_run_json(run_dir)
+    click.echo("")
+    for line in summary_lines(run):
+        click.echo(line)
+    if not no_report:
+        report_or_explain(run_dir)
