@@ -621,6 +621,9 @@ def _check_labels(labels, n: int) -> list[str]:
 
 def model_identity(bundle) -> dict:
     """What a saved state must match to be reused with a bundle."""
-    out, model = bundle.output_spec, bundle.manifest.get("model", {})
-    return {"name": model.get("name"), "version": model.get("version"), "dim": int(out["dim"]),
-            "distance": out.get("distance", "cosine")}
+    out, manifest = bundle.output_spec, bundle.manifest
+    model = manifest.get("model", {})
+    fp32 = manifest.get("variants", {}).get("fp32", {}).get("file")
+    weights = manifest.get("files", {}).get(fp32, {}).get("sha256") if fp32 else None
+    return {"name": model.get("name"), "version": model.get("version"), "weights_sha256": weights,
+            "dim": int(out["dim"]), "distance": out.get("distance", "cosine")}

@@ -1,0 +1,241 @@
+"""StreamClusterer rules on small synthetic embeddings whose right answers are known."""
+import math
+
+import numpy as np
+import pytest
+
+from protoedge.runtime.clustering import StreamClusterer, threshold_from_calibration
+from protoedge.runtime.errors import InputError, StateError
+
+D = 16
+
+
+def unit(v):
+    v = np.asarray(v, np.float64)
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def axis(i, scale=1.0):
+    v = np.zeros(D, np.float32)
+    v[i] = scale
+    return v
+
+
+def blobs(n_classes=5, per_class=40, noise=0.05, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.normal(size=(n_classes, D)))
+    y = rng.permutation(np.repeat(np.arange(n_classes), per_class))
+    return unit(centres[y] + noise * rng.normal(size=(len(y), D))), y, centres
+
+
+def snapshot(c):
+    ids, protos = c.prototypes()
+    return ids.tolist(), protos.copy(), [(i.id, i.label, i.count, i.seen) for i in c.clusters()], c.n_seen
+
+
+def same_state(a, b):
+    return a[0] == b[0] and np.array_equal(a[1], b[1]) and a[2] == b[2] and a[3] == b[3]
+
+
+def test_new_cluster_beyond_threshold_and_join_within():
+    c = StreamClusterer(D, threshold=0.5, merge_threshold=0)
+    a = c.partial_fit(np.stack([axis(0), unit(axis(0) + axis(1, 0.3)), axis(1)]))
+    assert [x.new_cluster for x in a] == [True, False, True]
+    assert a[0].cluster_id == a[1].cluster_id != a[2].cluster_id
+    # distance is 2 - 2cos to the prototype the sample met on arrival
+    cos = float(unit(axis(0) + axis(1, 0.3)) @ axis(0))
+    assert a[1].distance == pytest.approx(2 - 2 * cos, abs=1e-5)
+    assert a[0].distance == math.inf and a[0].to_dict()["distance"] is None
+    assert c.n_clusters == 2
+
+
+def test_result_fields_and_confidence_ordering():
+    c = StreamClusterer(D, threshold=0.5, temperature=10.0, merge_threshold=0)
+    c.partial_fit(np.stack([axis(0), axis(1)]))
+    near, far = c.predict(np.stack([unit(axis(0) + axis(2, 0.1)), unit(axis(0) + axis(2, 0.5))]))
+    for r in (near, far):
+        assert set(r.to_dict()) == {"cluster_id", "distance", "confidence", "new_cluster", "label"}
+        assert 0.0 <= r.confidence <= 1.0
+    assert near.cluster_id == far.cluster_id
+    assert near.confidence > far.confidence
+
+
+def test_running_mean_is_count_weighted_without_decay():
+    c = StreamClusterer(D, threshold=1.0, distance="sqeuclidean", decay=1.0, merge_threshold=0)
+    pts = np.stack([axis(0), axis(0, 1.2), axis(0, 0.9) + axis(1, 0.1), axis(0, 1.1)])
+    ids = {r.cluster_id for r in c.partial_fit(pts)}
+    assert len(ids) == 1
+    _, protos = c.prototypes()
+    np.testing.assert_allclose(protos[0], pts.mean(0), atol=1e-6)
+    assert c.clusters()[0].count == pytest.approx(4.0)
+
+
+def test_counts_decay_exponentially_and_recent_samples_weigh_more():
+    decay = 0.9
+    c = StreamClusterer(D, threshold=1.0, distance="sqeuclidean", decay=decay, merge_threshold=0)
+    pts = [axis(0), axis(0, 1.2), axis(0, 1.4)]
+    c.partial_fit(np.stack(pts))
+    info = c.clusters()[0]
+    # each sample adds 1, every later sample multiplies the count by decay
+    assert info.count == pytest.approx(1 + decay + decay ** 2)
+    assert info.seen == 3
+    _, protos = c.prototypes()
+    w = np.array([decay ** 2, decay, 1.0])
+    np.testing.assert_allclose(protos[0], (w[:, None] * np.stack(pts)).sum(0) / w.sum(), atol=1e-5)
+    assert protos[0][0] > np.mean([1.0, 1.2, 1.4])  # the newest sample pulls harder than a plain mean
+
+
+def test_cap_evicts_least_used_unlabelled_cluster():
+    c = StreamClusterer(D, threshold=0.5, max_clusters=3, decay=1.0, merge_threshold=0)
+    c.learn_examples(np.stack([axis(0)]), ["zero"])            # a known class, seen once
+    c.partial_fit(np.stack([axis(1)] * 3 + [axis(2)] * 2))      # 1 is used more than 2
+    assert c.n_clusters == 3
+    a = c.partial_fit(np.stack([axis(3)]))[0]
+    assert a.new_cluster and c.n_clusters == 3
+    kept = {info.label or tuple(np.flatnonzero(p > 0.5)) for info, p in zip(c.clusters(), c.prototypes()[1])}
+    # the label-free cluster with the lowest count (axis 2) went; the known class stayed
+    assert "zero" in kept and (1,) in kept and (3,) in kept and (2,) not in kept
+    assert c.stats["evicted"] == 1
+
+
+def test_clusters_that_drift_together_are_merged_and_ids_resolve():
+    # 45 degrees apart: d = 2 - 2 cos 45 = 0.59 opens a second cluster; the merge line is 0.2
+    c = StreamClusterer(D, threshold=0.5, merge_threshold=0.2, decay=1.0)
+    a0 = c.partial_fit(np.stack([axis(0)]))[0]
+    a1 = c.partial_fit(np.stack([unit(axis(0) + axis(1, 1.0))]))[0]
+    assert a1.new_cluster and c.n_clusters == 2
+    # samples in between pull the two prototypes together until they merge
+    between = np.stack([unit(axis(0) + axis(1, 0.45))] * 30)
+    c.partial_fit(between)
+    assert c.n_clusters == 1 and c.stats["merged"] >= 1
+    survivor = c.clusters()[0].id
+    assert c.resolve(a0.cluster_id) == survivor and c.resolve(a1.cluster_id) == survivor
+
+
+def test_merge_never_joins_two_different_known_classes():
+    c = StreamClusterer(D, threshold=0.5, merge_threshold=1.5)
+    ids = c.learn_examples(np.stack([axis(0), unit(axis(0) + axis(1, 0.5))]), ["a", "b"])
+    c.partial_fit(np.stack([unit(axis(0) + axis(1, 0.2))] * 5))
+    assert {i.label for i in c.clusters()} == {"a", "b"}
+    with pytest.raises(InputError, match="different labels"):
+        c.merge([ids["a"], ids["b"]])
+
+
+def test_refinement_conserves_mass_and_is_a_no_op_when_assignments_are_hard():
+    x, _, _ = blobs(n_classes=4, per_class=30, noise=0.15, seed=1)
+    plain = StreamClusterer(D, threshold=0.6, decay=1.0, merge_threshold=0)
+    sharp = StreamClusterer(D, threshold=0.6, decay=1.0, merge_threshold=0, refine_every=40, temperature=1e4)
+    soft = StreamClusterer(D, threshold=0.6, decay=1.0, merge_threshold=0, refine_every=40, temperature=2.0)
+    for c in (plain, sharp, soft):
+        c.partial_fit(x)
+    assert sharp.stats["refinements"] == len(x) // 40
+    # a near-infinite temperature makes the soft votes equal the hard ones
+    np.testing.assert_allclose(sharp.prototypes()[1], plain.prototypes()[1], atol=1e-4)
+    # soft votes move the prototypes but keep the total mass (one unit per sample)
+    assert sum(i.count for i in soft.clusters()) == pytest.approx(len(x), rel=1e-6)
+    if soft.n_clusters == plain.n_clusters:
+        assert not np.allclose(soft.prototypes()[1], plain.prototypes()[1], atol=1e-4)
+
+
+def test_stream_recovers_well_separated_classes():
+    from protoedge.metrics import clustering_scores
+
+    x, y, _ = blobs(n_classes=8, per_class=50, noise=0.08)
+    c = StreamClusterer(D, threshold=0.6, refine_every=100)
+    pred = [c.resolve(a.cluster_id) for a in c.partial_fit(x)]
+    s = clustering_scores(y, pred)
+    assert s["acc"] > 0.97 and s["ari"] > 0.95
+    assert abs(s["clusters_found"] - 8) <= 2
+
+
+def test_few_shot_prototypes_classify_and_update():
+    x, y, centres = blobs(n_classes=5, per_class=20, noise=0.1, seed=3)
+    c = StreamClusterer(D, threshold=0.8)
+    first = [int(np.flatnonzero(y == k)[0]) for k in range(5)]
+    ids = c.learn_examples(x[first], [f"c{k}" for k in range(5)])
+    assert len(ids) == 5 and c.n_clusters == 5
+    pred = c.predict(x)
+    acc = np.mean([p.label == f"c{t}" for p, t in zip(pred, y)])
+    assert acc > 0.95
+    # more examples of a known class refine its prototype instead of opening another
+    before = c.clusters()
+    c.learn_examples(x[y == 0][:5], ["c0"] * 5)
+    after = {i.label: i for i in c.clusters()}
+    assert c.n_clusters == 5 and after["c0"].count == pytest.approx(6.0)
+    assert after["c0"].id == ids["c0"] and len(before) == 5
+
+
+def test_label_turns_a_cluster_into_a_known_class():
+    c = StreamClusterer(D, threshold=0.5)
+    a = c.partial_fit(np.stack([axis(0), axis(1)]))
+    c.label(a[0].cluster_id, "zero")
+    r = c.predict(np.stack([unit(axis(0) + axis(1, 0.1))]))[0]
+    assert r.label == "zero" and r.cluster_id == a[0].cluster_id
+    # labelling a second cluster with the same name merges the two into one class
+    survivor = c.label(a[1].cluster_id, "zero")
+    assert c.n_clusters == 1 and c.clusters()[0].label == "zero"
+    assert c.resolve(a[0].cluster_id) == c.resolve(a[1].cluster_id) == survivor
+
+
+def test_predict_leaves_state_unchanged_and_flags_would_be_new():
+    x, _, _ = blobs()
+    c = StreamClusterer(D, threshold=0.5)
+    c.partial_fit(x[:50])
+    before = snapshot(c)
+    far = c.predict(np.stack([-x[0]]))[0]
+    c.predict(x[50:])
+    assert same_state(before, snapshot(c))
+    assert far.new_cluster and far.cluster_id >= 0  # the nearest cluster is still named
+
+
+def test_nearest_prototype_search_matches_brute_force_after_growth():
+    rng = np.random.default_rng(5)
+    protos = unit(rng.normal(size=(300, D)))
+    c = StreamClusterer(D, threshold=1e-6, max_clusters=1000, merge_threshold=0)
+    c.partial_fit(protos)                        # 300 clusters: the matrix doubled several times
+    assert c.n_clusters == 300
+    q = unit(rng.normal(size=(50, D)))
+    ids, p = c.prototypes()
+    expected = ids[np.argmax(q @ p.T, axis=1)]
+    assert [r.cluster_id for r in c.predict(q)] == expected.tolist()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.full((2, D), np.nan, np.float32), "NaN"),
+    (np.ones((2, D + 1), np.float32), "shaped"),
+    (np.ones((0, D), np.float32), "empty"),
+    (np.ones((2, 2, D), np.float32), "shaped"),
+    (np.array([["a"] * D]), "floating"),
+    (np.zeros((1, D), np.float32), "all-zero"),
+])
+def test_bad_embeddings_are_refused_without_touching_state(bad, message):
+    x, _, _ = blobs()
+    c = StreamClusterer(D, threshold=0.5)
+    c.partial_fit(x[:30])
+    before = snapshot(c)
+    for call in (c.partial_fit, c.predict, lambda b: c.learn_examples(b, ["a"] * len(b))):
+        with pytest.raises(InputError, match=message):
+            call(bad)
+    assert same_state(before, snapshot(c))
+
+
+def test_bad_labels_and_ids_are_refused():
+    c = StreamClusterer(D, threshold=0.5)
+    with pytest.raises(InputError, match="labels for"):
+        c.learn_examples(np.stack([axis(0), axis(1)]), ["a"])
+    with pytest.raises(InputError, match="non-empty"):
+        c.learn_examples(np.stack([axis(0)]), [""])
+    with pytest.raises(InputError, match="no cluster"):
+        c.label(42, "x")
+    with pytest.raises(InputError):
+        StreamClusterer(D, threshold=-1)
+    assert c.n_clusters == 0
+
+
+def test_threshold_from_calibration_rule_and_fallback():
+    cal = {"same_item_quantiles": {"0.9": 0.4}, "different_item_quantiles": {"0.05": 0.8},
+           "new_cluster_threshold": 0.1}
+    assert threshold_from_calibration(cal) == pytest.approx(0.6)
+    assert threshold_from_calibration({"new_cluster_threshold": 0.3}) == pytest.approx(0.3)
+    with pytest.raises(StateError):
+        threshold_from_calibration({})
