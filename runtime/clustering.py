@@ -308,7 +308,11 @@ class StreamClusterer:
             n = self._n
             arrays = {"means": self._means[:n].copy(), "counts": self._counts[:n] * self._cscale,
                       "seen": self._seen[:n].copy(), "created": self._created[:n].copy(),
-                      "last_seen": self._last[:n].copy(), "ids": self._ids[:n].copy()}
+                      "last_seen": self._last[:n].copy(), "ids": self._ids[:n].copy(),
+                      # the refinement window, so a resumed stream refines exactly as an unbroken one
+                      "window_x": np.array([w[0] for w in self._window], np.float32).reshape(-1, self.dim),
+                      "window_ids": np.array([w[1] for w in self._window], np.int64),
+                      "window_steps": np.array([w[2] for w in self._window], np.int64)}
             meta = {"format": STATE_FORMAT, "params": self.get_params(), "model": self.model,
                     "labels": list(self._labels[:n]), "step": self._step, "next_id": self._next_id,
                     "aliases": {str(k): v for k, v in self._aliases.items()}, "stats": self._stats}
@@ -367,6 +371,11 @@ class StreamClusterer:
         self._next_id = int(meta["next_id"])
         self._aliases = {int(k): int(v) for k, v in meta.get("aliases", {}).items()}
         self._stats.update({k: int(v) for k, v in meta.get("stats", {}).items() if k in self._stats})
+        if "window_x" in arrays and self.refine_every:
+            wx = np.asarray(arrays["window_x"], np.float32)
+            if wx.ndim != 2 or wx.shape[1] != self.dim:
+                raise StateError(f"saved refinement window has shape {list(wx.shape)}")
+            self._window = [(v, int(i), int(t)) for v, i, t in zip(wx, arrays["window_ids"], arrays["window_steps"])]
 
     # ------------------------------------------------------------------ internals
 
