@@ -59,6 +59,15 @@ class ExportResult:
     tensorrt_error: str | None = None
 
 
+def accuracy_gate(precision: str, fp32_acc: float, acc: float) -> str | None:
+    """Why a reduced-precision variant must not ship, or None when its accuracy loss is acceptable."""
+    drop = fp32_acc - acc
+    if drop > MAX_ACC_DROP[precision] or not np.isfinite(acc):
+        return (f"{precision} loses {drop:.2f} points of 5-way 1-shot accuracy ({acc:.2f}% vs fp32 "
+                f"{fp32_acc:.2f}%), more than the allowed {MAX_ACC_DROP[precision]} points; not written")
+    return None
+
+
 def resolve_images(spec: str, part_default: str) -> ImageSet:
     """'omniglot-a:test', 'mnist' (part_default), or a folder / .npz / .npy path."""
     name, _, part = spec.partition(":")
@@ -184,11 +193,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
                 entry["acc_drop_vs_fp32"] = base["acc_5w1s"] - entry["acc_5w1s"]
                 entry["speedup_vs_fp32"] = entry[f"cpu_images_per_s_b{opts.speed_batch}"] / base[
                     f"cpu_images_per_s_b{opts.speed_batch}"]
-                if entry["acc_drop_vs_fp32"] > MAX_ACC_DROP[precision]:
-                    rejected[precision] = (
-                        f"{precision} loses {entry['acc_drop_vs_fp32']:.2f} points of 5-way 1-shot accuracy "
-                        f"({entry['acc_5w1s']:.2f}% vs fp32 {base['acc_5w1s']:.2f}%), more than the allowed "
-                        f"{MAX_ACC_DROP[precision]} points; not written")
+                reason = accuracy_gate(precision, base["acc_5w1s"], entry["acc_5w1s"])
+                if reason:
+                    rejected[precision] = reason
                     path.unlink()
                     steps(f"{precision} rejected")
                     continue
