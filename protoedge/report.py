@@ -83,36 +83,48 @@ def _montage(run: dict, stream: dict, out: Path) -> Path:
     return out
 
 
-def make_figures(run_dir: Path, run: dict, records: list[dict], stream: dict | None) -> list[Figure]:
+def figure_jobs(run_dir: Path, run: dict, records: list[dict], stream: dict | None) -> list[tuple]:
+    """(name, title, caption, make) for every figure this run's files allow; make() -> PNG path."""
     from . import figures as fg
 
     out = run_dir / rundir.FIGURES
-    out.mkdir(exist_ok=True)
-    made = []
+    jobs = []
     if stream is not None and run.get("clusters"):
-        made.append(Figure("montage", "Discovered clusters",
-                           "Each row is one cluster (largest first) with its first members in stream order; "
-                           "the caption gives its size and, when labels are known, its purity and majority class.",
-                           _montage(run, stream, out / "montage.png")))
+        jobs.append(("montage", "Discovered clusters",
+                     "Each row is one cluster (largest first) with its first members in stream order; "
+                     "the caption gives its size and, when labels are known, its purity and majority class.",
+                     lambda: _montage(run, stream, out / "montage.png")))
     if records:
-        made.append(Figure("curves", "Training curves", "Losses and held-out accuracy against the training step.",
-                           fg.training_curves(records, out / "curves.png")))
+        jobs.append(("curves", "Training curves", "Losses and held-out few-shot accuracy during training.",
+                     lambda: fg.training_curves(records, out / "curves.png")))
     if stream is not None and "embedding" in stream and len(stream["embedding"]) > 2:
         distance = run.get("settings", {}).get("distance", "sqeuclidean")
-        made.append(Figure("projection", "Embeddings", "PCA of the streamed images' embeddings.",
-                           fg.projection(stream["embedding"], stream["cluster"], out / "projection.png",
-                                         stream.get("labels"), distance)))
+        jobs.append(("projection", "Embeddings", "PCA of the streamed images' embeddings.",
+                     lambda: fg.projection(stream["embedding"], stream["cluster"], out / "projection.png",
+                                           stream.get("labels"), distance)))
     if stream is not None and "labels" in stream:
-        made.append(Figure("contingency", "Clusters against true classes",
-                           "Rows are true classes, columns discovered clusters; a perfect clustering is a "
-                           "filled diagonal and nothing else.",
-                           fg.contingency(contingency(stream["labels"], stream["cluster"]),
-                                          out / "contingency.png")))
+        jobs.append(("contingency", "Clusters against true classes",
+                     "Rows are true classes, columns discovered clusters; a perfect clustering is a "
+                     "filled diagonal and nothing else.",
+                     lambda: fg.contingency(contingency(stream["labels"], stream["cluster"]),
+                                            out / "contingency.png")))
     if stream is not None and "latency_ms" in stream:
         lat = run.get("latency_ms", {})
         marks = {k: lat[k] for k in ("p50", "p99") if isinstance(lat.get(k), (int, float))}
-        made.append(Figure("latency", "Latency", "Per-image latency of the runtime over the stream.",
-                           fg.latency_histogram(stream["latency_ms"], out / "latency.png", marks)))
+        jobs.append(("latency", "Latency", "Per-image latency of the runtime over the stream.",
+                     lambda: fg.latency_histogram(stream["latency_ms"], out / "latency.png", marks)))
+    return jobs
+
+
+def make_figures(run_dir: Path, run: dict, records: list[dict], stream: dict | None,
+                 progress: bool = True) -> list[Figure]:
+    from tqdm import tqdm
+
+    (run_dir / rundir.FIGURES).mkdir(exist_ok=True)
+    made = []
+    for name, title, caption, make in tqdm(figure_jobs(run_dir, run, records, stream), desc="report",
+                                           unit="figure", disable=not progress, leave=False):
+        made.append(Figure(name, title, caption, make()))
     return made
 
 
@@ -224,14 +236,14 @@ def complete_run(run_dir: Path, run: dict, stream: dict | None) -> dict:
     return run
 
 
-def write_report(run_dir) -> Path:
+def write_report(run_dir, progress: bool = True) -> Path:
     """Figures into RUN_DIR/figures/, the page into RUN_DIR/report.html; returns the page's path."""
     run_dir = Path(run_dir)
     run = rundir.read_run_json(run_dir)
     records = rundir.read_metrics(run_dir)
     stream = rundir.read_stream(run_dir)
     run = complete_run(run_dir, run, stream)
-    figs = make_figures(run_dir, run, records, stream)
+    figs = make_figures(run_dir, run, records, stream, progress)
     path = run_dir / rundir.REPORT
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(render_html(run, figs))

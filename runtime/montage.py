@@ -129,6 +129,10 @@ def cluster_montage(rows: list[MontageRow], per_row: int = 12, max_rows: int = 4
     from PIL import Image, ImageDraw
 
     rows = sorted(rows, key=lambda r: (-r.size, r.cluster_id))[:max_rows]
+    for r in rows:
+        shape = np.shape(r.thumbnails)
+        if len(shape) != 4 or shape[1] not in (1, 3):
+            raise ValueError(f"cluster {r.cluster_id}: thumbnails must be uint8 [M, 1|3, H, W], got {list(shape)}")
     sample = next((r.thumbnails for r in rows if len(r.thumbnails)), None)
     thumb_hw = (28, 28) if sample is None else tuple(sample.shape[2:])
     if invert == "auto":
