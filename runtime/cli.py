@@ -8,7 +8,6 @@ def register(main: click.Group, bench: click.Group) -> None:
         """Cluster an image stream with a bundle; writes JSONL assignments."""
         raise click.ClickException("cluster: not implemented yet (issue 4)")
 
-    @main.command()
-    def serve():
-        """Run the local clustering daemon."""
-        raise click.ClickException("serve: not implemented yet (issue 5)")
+    from . import serve_cli  # `serve` and `bench daemon` live with the daemon (issue 5)
+
+    serve_cli.register(main, bench)

@@ -1,0 +1,108 @@
+"""`protoedge serve` and `protoedge bench daemon`. Only click at import time; the server (aiohttp,
+onnxruntime) loads when the command runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+DEFAULT_PORT = 8470  # also in server.py; repeated so that this module imports only click
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_BUNDLE = REPO / "models" / "omniglot" / "bundle"
+
+
+def register(main: click.Group, bench: click.Group) -> None:
+    main.add_command(serve)
+    bench.add_command(bench_daemon)
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(exists=True))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="TCP address. Non-loopback addresses need --token-file.")
+@click.option("--port", type=int, default=None,
+              help=f"TCP port [default: {DEFAULT_PORT}, or none when --socket is given].")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False), default=None,
+              help="Also (or only) listen on this Unix socket, created with mode 0600.")
+@click.option("--state", "state_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for snapshots and the update log. Without it the clusters live in memory only.")
+@click.option("--backend", type=click.Choice(["auto", "cpu", "cuda", "tensorrt", "ort-tensorrt"]), default="auto",
+              show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU inference threads [default: all cores].")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Engine cache (TensorRT plans) [default: $PROTOEDGE_CACHE_DIR or ~/.cache/protoedge].")
+@click.option("--token-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Require 'Authorization: Bearer <token>' (file content) on every route but the health probes.")
+@click.option("--max-batch", type=click.IntRange(1, 4096), default=64, show_default=True,
+              help="Most images per encoder call (micro-batch).")
+@click.option("--max-wait-ms", type=click.FloatRange(0, 1000), default=2.0, show_default=True,
+              help="Longest a micro-batch waits for requests still being read.")
+@click.option("--max-queue", type=click.IntRange(1, 1 << 20), default=256, show_default=True,
+              help="Requests waiting or being read; beyond it the answer is 503 + Retry-After.")
+@click.option("--max-body-mb", type=click.FloatRange(0.001, 1024), default=8.0, show_default=True,
+              help="Largest request body.")
+@click.option("--max-images", type=click.IntRange(1, 1 << 20), default=1024, show_default=True,
+              help="Most images in one request.")
+@click.option("--fsync", type=click.Choice(["always", "interval"]), default="always", show_default=True,
+              help="always: an answered update is on disk. interval: on disk within --fsync-interval "
+                   "(a process crash loses nothing, a power loss up to that window).")
+@click.option("--fsync-interval", type=click.FloatRange(0.01, 60), default=1.0, show_default=True,
+              help="Seconds between fsyncs with --fsync interval.")
+@click.option("--snapshot-every", type=click.IntRange(1, None), default=20000, show_default=True,
+              help="Snapshot after this many logged updates (keeps the replay short).")
+@click.option("--threshold", type=float, default=None,
+              help="New-cluster distance [default: from the bundle's calibration].")
+@click.option("--max-clusters", type=click.IntRange(1, None), default=1000, show_default=True)
+def serve(bundle, host, port, socket_path, state_dir, backend, precision, threads, cache_dir, token_file,
+          max_batch, max_wait_ms, max_queue, max_body_mb, max_images, fsync, fsync_interval, snapshot_every,
+          threshold, max_clusters):
+    """Run the local clustering daemon on BUNDLE (HTTP on loopback and/or a Unix socket).
+
+    \b
+    Routes: /v2/health/live|ready, /v2/models/encoder, /v1/embed|cluster|assign|examples,
+    /v1/clusters[/ID[/label]], /v1/clusters/merge, /v1/state/snapshot, /metrics, /openapi.json.
+    SIGTERM stops accepting, drains, snapshots and exits 0. Under systemd (Type=notify) READY=1 is
+    sent after the engine is built and warmed up.
+    """
+    import logging
+
+    from .server import ServerConfig, run_server
+
+    logging.getLogger("protoedge").setLevel(min(logging.getLogger().level, logging.INFO))
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if port is None and socket_path is None:
+        port = DEFAULT_PORT
+    clusterer = {"max_clusters": max_clusters}
+    if threshold is not None:
+        clusterer["threshold"] = threshold
+    config = ServerConfig(bundle=bundle, host=host, port=port, socket_path=socket_path, state_dir=state_dir,
+                          backend=backend, precision=precision, threads=threads, cache_dir=cache_dir,
+                          token_file=token_file, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                          max_body_bytes=int(max_body_mb * 1024 * 1024), max_images_per_request=max_images,
+                          fsync=fsync, fsync_interval_s=fsync_interval, snapshot_every=snapshot_every,
+                          clusterer=clusterer)
+    raise SystemExit(run_server(config))
+
+
+@click.command("daemon")
+@click.argument("bundle", type=click.Path(exists=True), default=str(DEFAULT_BUNDLE))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="benchmarks/results", show_default=True)
+@click.option("--seconds", type=click.FloatRange(0.5, 120), default=6.0, show_default=True,
+              help="Length of each throughput measurement.")
+@click.option("--requests", "n_latency", type=click.IntRange(100, 100000), default=2000, show_default=True,
+              help="Single-image requests for the one-client latency.")
+@click.option("--threads", type=int, default=None, help="Server inference threads [default: all cores].")
+@click.option("--fsync", type=click.Choice(["always", "interval"]), default="always", show_default=True)
+def bench_daemon(bundle, out_dir, seconds, n_latency, threads, fsync):
+    """Daemon latency/throughput on loopback vs the runtime in-process; writes daemon.md/.json."""
+    import importlib.util
+
+    script = REPO / "benchmarks" / "daemon.py"
+    if not script.is_file():
+        raise click.ClickException(f"{script} not found: run the benchmark from a source checkout")
+    spec = importlib.util.spec_from_file_location("protoedge_bench_daemon", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.run_benchmark(bundle=bundle, out_dir=out_dir, seconds=seconds, n_latency=n_latency, threads=threads, fsync=fsync)

@@ -1,0 +1,350 @@
+"""`protoedge serve`: the local clustering daemon's life cycle.
+
+    listen (live) -> build + warm the engine, load snapshot, replay log -> ready (READY=1 to systemd)
+    -> serve -> SIGTERM/SIGINT: stop accepting, finish in-flight requests, drain the queue,
+       snapshot, exit 0
+
+One worker thread owns the encoder and the clusterer; the asyncio loop (aiohttp) only parses
+HTTP, decodes bodies and forms micro-batches, so state changes are totally ordered and the update
+log replays them exactly.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from aiohttp import web
+
+from .server_batcher import MicroBatcher
+from .server_codec import parse_image
+from .server_metrics import DaemonMetrics
+from .server_notify import notify, watchdog_interval
+from .server_state import DaemonState, PersistError
+
+log = logging.getLogger("protoedge.daemon")
+
+DEFAULT_PORT = 8470
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ServerConfig:
+    bundle: str
+    host: str | None = "127.0.0.1"
+    port: int | None = DEFAULT_PORT      # None: no TCP listener (Unix socket only)
+    socket_path: str | None = None
+    state_dir: str | None = None
+    backend: str = "auto"
+    precision: str = "fp32"
+    threads: int | None = None
+    cache_dir: str | None = None
+    token_file: str | None = None
+    max_batch: int = 64
+    max_wait_ms: float = 2.0
+    max_queue: int = 256
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_images_per_request: int = 1024
+    fsync: str = "always"
+    fsync_interval_s: float = 1.0
+    snapshot_every: int = 20000          # updates
+    snapshot_interval_s: float = 600.0
+    shutdown_timeout_s: float = 30.0
+    clusterer: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.port is None and not self.socket_path:
+            raise ConfigError("nothing to listen on: give --port and/or --socket")
+        if self.port is not None and not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port {self.port} is not a TCP port")
+        if self.port is not None and not _is_loopback(self.host) and not self.token_file:
+            raise ConfigError(f"--host {self.host} is not a loopback address: anyone on that network could "
+                              "change the clusters; add --token-file (and a firewall), or bind 127.0.0.1")
+        for name in ("max_batch", "max_queue", "max_body_bytes", "max_images_per_request"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+        if self.max_wait_ms < 0:
+            raise ConfigError("max_wait_ms must be >= 0")
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(path: str) -> bytes:
+    p = Path(path)
+    try:
+        token = p.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--token-file {path}: unreadable ({e})") from None
+    if len(token) < 16:
+        raise ConfigError(f"--token-file {path}: the token must be at least 16 characters")
+    if p.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("token file %s is readable by group/others; chmod 600 it", path)
+    return token.encode()
+
+
+def unix_listener(path: str) -> socket.socket:
+    """A listening Unix socket with mode 0600 from the first instant (umask during bind)."""
+    p = Path(path)
+    if p.exists() or p.is_symlink():
+        if not stat.S_ISSOCK(p.lstat().st_mode):
+            raise ConfigError(f"--socket {path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            p.unlink()  # stale socket of a daemon that died
+        else:
+            raise ConfigError(f"--socket {path}: another daemon is listening there")
+        finally:
+            probe.close()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(256)
+    sock.setblocking(False)
+    return sock
+
+
+class Daemon:
+    def __init__(self, config: ServerConfig):
+        config.check()
+        self.config = config
+        self.token = read_token(config.token_file) if config.token_file else None
+        from .bundle import load_bundle
+
+        self.bundle = load_bundle(config.bundle)
+        self.encoder = None
+        self.state: DaemonState | None = None
+        self.ready = False
+        self.draining = False
+        self.exit_code = 0
+        self.batcher: MicroBatcher | None = None
+        # One thread owns the model state; a second decodes PNG/JPEG off the event loop.
+        self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="protoedge-worker")
+        self.decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="protoedge-decode")
+        self.metrics = DaemonMetrics(queue_depth=lambda: self.batcher.depth if self.batcher else 0,
+                                     clusters=lambda: self.state.clusterer.n_clusters
+                                     if self.state and self.state.clusterer else 0,
+                                     log_bytes=lambda: self.state.log.size_bytes()
+                                     if self.state and self.state.log else 0)
+        self._stop = None
+        self._loop = None
+        self._last_snapshot = time.monotonic()
+
+    # ------------------------------------------------------------------ worker-thread helpers
+
+    async def call(self, fn):
+        """Run fn(state) on the worker thread (ordered with every batch and mutation)."""
+        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, self.state)
+
+    async def call_mutation(self, fn):
+        def run(state):
+            try:
+                return fn(state), state.seq
+            except PersistError:
+                self.fail("the update log cannot be written")
+                raise
+        return await self.call(run)
+
+    async def in_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.decoder, fn, *args)
+
+    async def decode_image(self, body: bytes, content_type: str) -> np.ndarray:
+        s = self.bundle.input_spec
+        return await self.in_thread(parse_image, body, s["channels"], s["height"], s["width"])
+
+    def _process(self, jobs):
+        try:
+            return self.state.run_batch(jobs, self.config.max_batch)
+        except PersistError as e:
+            self.fail("the update log cannot be written")
+            return [e] * len(jobs)
+
+    def _on_batch(self, n_images: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(n_images)
+        self.metrics.batch_seconds.observe(seconds)
+        if self.state and self.state.log:
+            self.metrics.log_seq.set(self.state.seq)
+
+    def fail(self, why: str) -> None:
+        """Stop without a final snapshot: the in-memory state may hold an update that is not logged."""
+        log.error("fatal: %s; stopping (the log holds every acknowledged update)", why)
+        self.exit_code = 1
+        if self._stop is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    def model_metadata(self) -> dict:
+        i, o = self.bundle.input_spec, self.bundle.output_spec
+        enc = self.encoder.describe() if self.encoder is not None and hasattr(self.encoder, "describe") else {}
+        return {"name": "encoder", "versions": [str(self.bundle.manifest["model"].get("version", "1"))],
+                "platform": f"protoedge_{enc.get('backend', 'pending')}",
+                "inputs": [{"name": i["name"], "datatype": "UINT8",
+                            "shape": [-1, i["channels"], i["height"], i["width"]]}],
+                "outputs": [{"name": o["name"], "datatype": "FP32", "shape": [-1, o["dim"]]}],
+                "parameters": {"distance": o["distance"], "model": self.bundle.manifest.get("model", {}),
+                               "backend": enc, "max_batch": self.config.max_batch,
+                               "max_wait_ms": self.config.max_wait_ms, "fsync": self.config.fsync}}
+
+    # ------------------------------------------------------------------ start-up (worker thread)
+
+    def _build(self) -> float:
+        from .backends import open_encoder
+
+        t0 = time.perf_counter()
+        cfg = self.config
+        self.encoder = open_encoder(self.bundle, backend=cfg.backend, precision=cfg.precision, threads=cfg.threads,
+                                    cache_dir=cfg.cache_dir, max_batch=max(cfg.max_batch, 1))
+        s = self.bundle.input_spec
+        # Warm-up at the sizes the batcher will use: the first calls allocate and (TensorRT) tune.
+        for n in sorted({1, cfg.max_batch}):
+            self.encoder.embed(np.zeros((n, s["channels"], s["height"], s["width"]), np.uint8))
+        built = time.perf_counter() - t0
+        state = DaemonState(self.bundle, self.encoder, cfg.state_dir, fsync=cfg.fsync,
+                            fsync_interval_s=cfg.fsync_interval_s, **cfg.clusterer)
+        state.open()
+        self.state = state
+        return built
+
+    # ------------------------------------------------------------------ main
+
+    async def run(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self._stop.set)
+        from .server_routes import build_app
+
+        runner = web.AppRunner(build_app(self), access_log=None, shutdown_timeout=self.config.shutdown_timeout_s)
+        await runner.setup()
+        where = await self._listen(runner)
+        notify("STATUS=building the encoder engine")
+        log.info("listening on %s; building the engine (backend %s)", ", ".join(where), self.config.backend)
+        t0 = time.perf_counter()
+        try:
+            built = await self._loop.run_in_executor(self.worker, self._build)
+        except Exception as e:
+            log.error("could not start: %s", e)
+            print(f"protoedge serve: could not start: {e}", file=sys.stderr, flush=True)
+            await runner.cleanup()
+            self._unlink_socket()
+            return 1
+        self.metrics.engine_build.set(built)
+        self.batcher = MicroBatcher(self._process, self.worker, self.config.max_batch, self.config.max_wait_ms,
+                                    self.config.max_queue, on_batch=self._on_batch)
+        self.batcher.start()
+        self.ready = True
+        self.metrics.ready.set(1)
+        self.metrics.log_seq.set(self.state.seq)
+        msg = (f"ready in {time.perf_counter() - t0:.2f} s on {', '.join(where)}: backend "
+               f"{self.encoder.backend}, {self.state.clusterer.n_clusters} clusters, "
+               f"{self.state.replayed} updates replayed")
+        log.info(msg)
+        print(f"protoedge serve: {msg}", file=sys.stderr, flush=True)
+        notify("READY=1\nSTATUS=" + msg)
+        tasks = [self._loop.create_task(self._housekeeping())]
+        interval = watchdog_interval()
+        if interval:
+            tasks.append(self._loop.create_task(self._watchdog(interval)))
+        await self._stop.wait()
+        return await self._shutdown(runner, tasks)
+
+    async def _listen(self, runner) -> list[str]:
+        cfg, where = self.config, []
+        if cfg.port is not None:
+            site = web.TCPSite(runner, cfg.host, cfg.port, backlog=256)
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1] if cfg.port == 0 else cfg.port
+            where.append(f"http://{cfg.host}:{port}")
+        if cfg.socket_path:
+            site = web.SockSite(runner, unix_listener(cfg.socket_path))
+            await site.start()
+            where.append(f"unix:{cfg.socket_path}")
+        return where
+
+    async def _shutdown(self, runner, tasks) -> int:
+        notify("STOPPING=1")
+        log.info("stopping: no new requests, finishing in-flight ones")
+        self.draining = True
+        for t in tasks:
+            t.cancel()
+        await runner.cleanup()          # stops listening, waits for handlers still running
+        await self.batcher.drain_and_stop()
+        if self.exit_code == 0 and self.state.log is not None:
+            info = await self.call(lambda s: s.snapshot())
+            log.info("final snapshot at sequence %d: %s", info["seq"], info["path"])
+        await self.call(lambda s: s.close())
+        self.worker.shutdown(wait=True)
+        self.decoder.shutdown(wait=True)
+        self._unlink_socket()
+        print(f"protoedge serve: stopped (exit {self.exit_code})", file=sys.stderr, flush=True)
+        return self.exit_code
+
+    def _unlink_socket(self) -> None:
+        if self.config.socket_path:
+            try:
+                os.unlink(self.config.socket_path)
+            except FileNotFoundError:
+                pass
+
+    async def _housekeeping(self) -> None:
+        """Interval fsync (policy 'interval') and periodic snapshots that keep the log short."""
+        cfg = self.config
+        tick = min(cfg.fsync_interval_s, 1.0) if cfg.fsync == "interval" else 1.0
+        while True:
+            await asyncio.sleep(tick)
+            st = self.state
+            if st.log is None:
+                continue
+            if cfg.fsync == "interval":
+                await self.call(lambda s: s.log.sync())
+            due = st.seq - st.snapshot_seq >= cfg.snapshot_every or (
+                st.seq > st.snapshot_seq and time.monotonic() - self._last_snapshot >= cfg.snapshot_interval_s)
+            if due:
+                try:
+                    await self.call(lambda s: s.snapshot())
+                    self.metrics.snapshots.inc()
+                except OSError as e:
+                    log.error("periodic snapshot failed (the log still holds everything): %s", e)
+                self._last_snapshot = time.monotonic()
+
+    async def _watchdog(self, interval: float) -> None:
+        # The ping goes through the worker thread, so a hung engine (not just a live loop) stops it.
+        while True:
+            await self.call(lambda s: None)
+            notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+
+def run_server(config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code."""
+    try:
+        daemon = Daemon(config)
+    except ValueError as e:  # ConfigError, BundleError, ...
+        print(f"protoedge serve: {e}", file=sys.stderr, flush=True)
+        return 2
+    return asyncio.run(daemon.run())

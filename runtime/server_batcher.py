@@ -1,0 +1,121 @@
+"""Micro-batching: concurrent requests share one encoder call, behind a bounded queue.
+
+Batches form by themselves while the engine is busy: everything that queued up during the
+previous call goes into the next one (up to max_batch images). The batcher waits up to max_wait
+for more only while other requests are still being read, so a lone client never pays the wait.
+When the queue holds max_queue requests, submit() raises Overloaded and the caller answers 503:
+memory stays bounded by max_queue request bodies.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    pass
+
+
+class MicroBatcher:
+    def __init__(self, process, executor, max_batch: int = 64, max_wait_ms: float = 2.0, max_queue: int = 256,
+                 on_batch=None):
+        """process(jobs) -> results runs on executor (one thread: it owns the model state)."""
+        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch and max_queue must be >= 1, max_wait_ms >= 0")
+        self.process, self.executor = process, executor
+        self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
+        self.on_batch = on_batch
+        self.arriving = 0  # requests whose body is being read; they will submit soon
+        self.busy = False
+        self._items: collections.deque = collections.deque()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._items)
+
+    def admit(self) -> None:
+        """Reserve a place before reading a body: refuse early instead of buffering it."""
+        if len(self._items) + self.arriving >= self.max_queue:
+            raise Overloaded()
+        self.arriving += 1
+
+    def release(self) -> None:
+        self.arriving -= 1
+
+    async def submit(self, job):
+        """Queue a job (after admit()) and wait for its result; exceptions are re-raised."""
+        self.release()
+        if self._stopping:
+            raise Overloaded()
+        job.future = asyncio.get_running_loop().create_future()
+        self._items.append(job)
+        self._wake.set()
+        result = await job.future
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+
+    async def drain_and_stop(self) -> None:
+        """Finish what was queued, then stop."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+    async def _next_batch(self) -> list:
+        loop = asyncio.get_running_loop()
+        batch = [self._items.popleft()]
+        n = batch[0].n
+        deadline = loop.time() + self.max_wait
+        while n < self.max_batch:
+            if self._items:
+                if n + self._items[0].n > self.max_batch:
+                    break
+                job = self._items.popleft()
+                batch.append(job)
+                n += job.n
+                continue
+            remaining = deadline - loop.time()
+            if self.arriving == 0 or remaining <= 0 or self._stopping:
+                break
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._items:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = await self._next_batch()
+            self.busy = True
+            t0 = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self.executor, self.process, batch)
+            except Exception as e:  # the engine or the disk failed: every job of the batch learns it
+                log.exception("micro-batch of %d requests failed", len(batch))
+                results = [e] * len(batch)
+            finally:
+                self.busy = False
+            if self.on_batch is not None:
+                self.on_batch(sum(j.n for j in batch), time.perf_counter() - t0)
+            for job, res in zip(batch, results):
+                if not job.future.done():
+                    job.future.set_result(res)
