@@ -1,0 +1,177 @@
+"""Export end to end on real data: one small export (seeded encoder, shipped Omniglot images) shared
+by the module, then parity, variants, calibration statistics and the gates are checked on it."""
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from protoedge.cli import main
+from protoedge.datasets import load_split
+from protoedge.export import pipeline
+from protoedge.export.onnx_export import ExportError, check_fp32_parity, run_onnx, run_torch
+from protoedge.runtime.bundle import load_bundle
+from protoedge.trainer.checkpoint import load_encoder, save_checkpoint
+from protoedge.trainer.model import Encoder
+
+QUICK = dict(eval_classes=40, episodes=100, parity_images=256, int8_calib_images=128, calib_items=400,
+             speed_repeats=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "encoder.safetensors"
+    save_checkpoint(path, Encoder(), {"distance": "cosine", "temperature": 7.5,
+                                      "config": {"protocol": "omniglot-a"}, "code_version": "test"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "bundle"
+    opts = pipeline.ExportOptions(archive=out.parent / "bundle.tar.gz", tensorrt=True, **QUICK)
+    return pipeline.export_bundle(checkpoint, out, opts)
+
+
+@pytest.fixture(scope="module")
+def test_images() -> np.ndarray:
+    # Images the export never saw (it samples from the first 40 classes for parity).
+    return load_split("omniglot-a", "test").images[-300:]
+
+
+def test_fp32_parity_on_real_images(exported, checkpoint, test_images):
+    encoder, _ = load_encoder(checkpoint)
+    ref = run_torch(encoder, test_images)
+    got = run_onnx(exported.bundle.onnx_path("fp32"), test_images)
+    assert np.abs(ref - got).max() < 1e-4
+    cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+    assert cos.min() > 0.9999
+    fp32 = exported.bundle.manifest["variants"]["fp32"]
+    assert 0 <= fp32["max_abs_diff"] < 1e-4 and fp32["min_cosine"] > 0.9999
+
+
+def test_onnx_graph_follows_the_contract(exported, test_images):
+    model = onnx.load(str(exported.bundle.onnx_path("fp32")))
+    assert {o.domain: o.version for o in model.opset_import}[""] == 18
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    (inp,), (out,) = model.graph.input, model.graph.output
+    assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert out.name == "embedding" and out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert inp.type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+    for n in (1, 7, 130):  # dynamic batch, including one larger than any export-time batch
+        assert run_onnx(exported.bundle.onnx_path("fp32"), test_images[:n], batch_size=n).shape == (n, 64)
+
+
+def test_reduced_precision_variants(exported, test_images):
+    b = exported.bundle
+    assert b.precisions == ["fp32", "fp16", "int8"]
+    ref = run_onnx(b.onnx_path("fp32"), test_images)
+    fp16 = onnx.load(str(b.onnx_path("fp16")))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.graph.initializer)
+    int8 = onnx.load(str(b.onnx_path("int8")))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in int8.graph.node}
+    sizes = {p: b.manifest["files"][b.manifest["variants"][p]["file"]]["bytes"] for p in b.precisions}
+    assert sizes["int8"] < sizes["fp16"] < sizes["fp32"]
+    for p, min_cos in (("fp16", 0.999), ("int8", 0.99)):
+        got = run_onnx(b.onnx_path(p), test_images)  # same uint8 in, float32 out as FP32
+        assert got.dtype == np.float32 and got.shape == ref.shape
+        cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+        assert cos.min() > min_cos, p
+        v = b.manifest["variants"][p]
+        assert v["acc_drop_vs_fp32"] <= pipeline.MAX_ACC_DROP[p] and v["speedup_vs_fp32"] > 0
+
+
+def test_calibration_statistics_are_present_and_sane(exported):
+    c = exported.bundle.calibration
+    same, diff = c["same_item_quantiles"], c["different_item_quantiles"]
+    assert c["distance"] == "cosine" and c["n_items"] == QUICK["calib_items"]
+    assert list(same.values()) == sorted(same.values()) and list(diff.values()) == sorted(diff.values())
+    assert all(0 <= v <= 4 for v in [*same.values(), *diff.values()])  # 2 - 2cos lies in [0, 4]
+    assert same["0.5"] < diff["0.5"], "two views of one item must be closer than different items"
+    assert same["0.9"] < diff["0.5"]
+    lo, hi = sorted((same["0.95"], diff["0.05"]))
+    assert lo <= c["new_cluster_threshold"] <= hi
+
+
+def test_manifest_carries_specs_and_provenance(exported, checkpoint):
+    m = exported.bundle.manifest
+    assert m["output"] == {"name": "embedding", "dim": 64, "distance": "cosine", "temperature": 7.5}
+    assert (m["input"]["channels"], m["input"]["height"], m["input"]["width"]) == (1, 28, 28)
+    prov = m["provenance"]
+    from protoedge.runtime.bundle import sha256_file
+
+    assert prov["checkpoint_sha256"] == sha256_file(checkpoint)
+    assert prov["code_version"] == "test" and prov["config"] == {"protocol": "omniglot-a"}
+    assert prov["export"]["opset"] == 18
+    assert m["evaluation"]["classes"] == QUICK["eval_classes"]
+
+
+def test_archive_is_verifiable(exported):
+    assert exported.archive and exported.archive.is_file()
+    b = load_bundle(exported.archive)
+    assert b.manifest == exported.bundle.manifest
+
+
+def test_tensorrt_request_without_tensorrt_reports_why(exported):
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert "TensorRT is not installed" in exported.tensorrt_error and not exported.engines
+    else:
+        assert exported.engines or exported.tensorrt_error
+
+
+def test_parity_gate_refuses_a_graph_that_differs(exported, checkpoint, test_images):
+    encoder, _ = load_encoder(checkpoint)
+    with torch.no_grad():
+        encoder.features[0][0].weight.mul_(1.01)  # a 1% change the ONNX file does not have
+    with pytest.raises(ExportError, match="differs from the torch model"):
+        check_fp32_parity(encoder, exported.bundle.onnx_path("fp32"), test_images)
+
+
+@pytest.mark.parametrize("precision, drop, refused", [
+    ("fp16", 0.4, False), ("fp16", 0.6, True), ("int8", 0.9, False), ("int8", 1.1, True),
+])
+def test_accuracy_gate_thresholds(precision, drop, refused):
+    reason = pipeline.accuracy_gate(precision, 90.0, 90.0 - drop)
+    assert bool(reason) == refused
+    if refused:
+        assert precision in reason and "not written" in reason
+
+
+def test_refused_variant_is_not_written(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(pipeline.MAX_ACC_DROP, "int8", -100.0)  # any INT8 result now counts as too lossy
+    result = pipeline.export_bundle(checkpoint, tmp_path / "b", pipeline.ExportOptions(
+        precisions=("fp32", "int8"), **{**QUICK, "calib_items": 100}))
+    assert result.bundle.precisions == ["fp32"]
+    assert not (tmp_path / "b" / "encoder.int8.onnx").exists()
+    assert "int8" in result.bundle.manifest["rejected_variants"]
+
+
+def test_export_cli_errors_are_clear(tmp_path):
+    runner = CliRunner()
+    missing = runner.invoke(main, ["export", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "b")])
+    assert missing.exit_code != 0 and "no such checkpoint file" in missing.output
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    bad = runner.invoke(main, ["export", str(junk), "--out", str(tmp_path / "b")])
+    assert bad.exit_code != 0 and "not a readable safetensors checkpoint" in bad.output
+    prec = runner.invoke(main, ["export", str(junk), "--out", str(tmp_path / "b"), "--precision", "fp8"])
+    assert prec.exit_code != 0 and "unknown precision fp8" in prec.output
+    assert not (tmp_path / "b").exists(), "a failed export must not leave a bundle behind"
+
+
+def test_failed_export_leaves_the_old_bundle_in_place(checkpoint, tmp_path):
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"old": True}))
+    # Fails after the FP32 export has been written to the staging folder: INT8 without calibration data.
+    with pytest.raises(ValueError, match="INT8 calibration needs at least one image"):
+        pipeline.export_bundle(checkpoint, out, pipeline.ExportOptions(
+            precisions=("fp32", "int8"), **{**QUICK, "int8_calib_images": 0}))
+    assert json.loads((out / "manifest.json").read_text()) == {"old": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["b"], "no staging folder may be left behind"
