@@ -28,24 +28,30 @@ class Batch:
     source: str
 
 
-class _ReadOnly:
-    def __init__(self, stream):
-        self.read = stream.read
+class _Prefixed:
+    """A read-only view of a stream with some bytes put back in front. Not a real file object,
+    which keeps numpy off its fromfile() path (that asks a pipe for its position)."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
+
+    def read(self, n: int = -1) -> bytes:
+        head, self.head = self.head, b""
+        if n is None or n < 0:
+            return head + self.stream.read()
+        return head + self.stream.read(n - len(head)) if n > len(head) else head[:n]
 
 
 def read_stdin_arrays(stream: IO[bytes]) -> Iterator[np.ndarray]:
     """Consecutive .npy arrays (np.save output) until end of input."""
     while True:
-        head = stream.peek(1) if hasattr(stream, "peek") else b"?"
+        head = stream.read(1)
         if not head:
             return
         try:
-            # read_array, not np.load: np.load seeks back after the magic, which a pipe cannot do;
-            # the wrapper keeps numpy off its fromfile() path, which asks a pipe for its position
-            arr = np.lib.format.read_array(_ReadOnly(stream), allow_pickle=False)
-        except EOFError:
-            return
-        except (ValueError, OSError) as e:
+            # read_array, not np.load: np.load seeks back after the magic, which a pipe cannot do
+            arr = np.lib.format.read_array(_Prefixed(head, stream), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
             raise InputError(f"stdin: not a stream of .npy arrays ({e})") from None
         yield arr
 
