@@ -241,7 +241,12 @@ class Daemon:
 
         runner = web.AppRunner(build_app(self), access_log=None, shutdown_timeout=self.config.shutdown_timeout_s)
         await runner.setup()
-        where = await self._listen(runner)
+        try:
+            where = await self._listen(runner)
+        except (ConfigError, OSError) as e:
+            print(f"protoedge serve: cannot listen: {e}", file=sys.stderr, flush=True)
+            await runner.cleanup()
+            return 2
         notify("STATUS=building the encoder engine")
         log.info("listening on %s; building the engine (backend %s)", ", ".join(where), self.config.backend)
         t0 = time.perf_counter()

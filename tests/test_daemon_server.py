@@ -1,0 +1,290 @@
+"""The daemon as a separate process on loopback TCP and a Unix socket: every route, SIGTERM with a
+final snapshot, the bearer token, socket permissions, overload (503), limits."""
+import io
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from protoedge.client import Client, ClientError, Overloaded
+
+from daemon_support import BUNDLE, ENV, Server, free_port, images
+
+
+def png_bytes(img: np.ndarray, fmt: str = "PNG", size=None) -> bytes:
+    im = Image.fromarray(img[0] if img.ndim == 3 else img)
+    if size:
+        im = im.resize(size)
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with Server(tmp_path_factory.mktemp("daemon")) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_every_route_over_each_transport(server, transport):
+    url = server.tcp_url if transport == "tcp" else server.unix_url
+    with Client(url) as c:
+        assert c.live() and c.ready()
+        meta = c.model()
+        assert meta["inputs"][0]["shape"] == [-1, 1, 28, 28] and meta["inputs"][0]["datatype"] == "UINT8"
+        assert meta["outputs"][0]["shape"] == [-1, 64]
+        before = {x["id"]: x for x in c.clusters()}
+
+        x = images(6, seed=hash(transport) % 1000)
+        emb = c.embed(x)
+        assert emb.shape == (6, 64) and emb.dtype == np.float32
+        full = c.cluster_full(x)
+        assert len(full["assignments"]) == 6 and full["seq"] > 0
+        ids = {a["cluster_id"] for a in full["assignments"]}
+        after = {x["id"]: x for x in c.clusters()}
+        assert sum(a["seen"] for a in after.values()) == sum(b["seen"] for b in before.values()) + 6
+
+        # assign: the same images land where cluster put them, and nothing changes
+        snap = c.clusters()
+        assigned = c.assign(x)
+        assert {a["cluster_id"] for a in assigned} <= {x["id"] for x in snap}
+        assert c.clusters() == snap
+
+        # a [N, H, W] array and a PNG / JPEG of the same image are accepted
+        assert len(c.assign(x[:, 0])) == 6
+        assert len(c.assign(png_bytes(x[0]))) == 1
+        assert len(c.assign(png_bytes(x[0], "JPEG", size=(56, 56)))) == 1
+
+        cid = sorted(ids)[0]
+        info = c.cluster_info(cid, thumbnails=2)
+        assert info["id"] == cid and 1 <= len(info["images"]) <= 2
+        assert info["images"].shape[1:] == (1, 28, 28)
+
+        classes = c.add_examples(images(3, seed=500), labels=["cat", "cat", "dog"])
+        assert set(classes) == {"cat", "dog"}
+        assert {x["label"] for x in c.clusters()} >= {"cat", "dog"}
+
+        new_name = f"named-{transport}"
+        assert c.label(cid, new_name) >= 0
+        assert any(x["label"] == new_name for x in c.clusters())
+
+        unlabelled = [x["id"] for x in c.clusters() if x["label"] is None]
+        if len(unlabelled) >= 2:
+            survivor = c.merge(unlabelled[:2])
+            live = {x["id"] for x in c.clusters()}
+            assert survivor in live and len(live & set(unlabelled[:2])) == 1
+        victim = c.clusters()[-1]["id"]
+        assert c.remove(victim) == victim
+        with pytest.raises(ClientError) as e:
+            c.cluster_info(victim)
+        assert e.value.status == 404
+
+        png = c.report_png()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        metrics = c.metrics()
+        for name in ("protoedge_request_duration_seconds_bucket", "protoedge_batch_images_bucket",
+                     "protoedge_queue_depth", "protoedge_clusters", "protoedge_resident_memory_bytes",
+                     "protoedge_engine_build_seconds"):
+            assert name in metrics
+        assert c.openapi()["openapi"].startswith("3.")
+
+
+def test_kserve_infer_matches_embed(server):
+    with Client(server.tcp_url) as c:
+        x = images(2, seed=3)
+        body = json.dumps({"id": "r1", "inputs": [{"name": "images", "shape": [2, 1, 28, 28], "datatype": "UINT8",
+                                                  "data": x.ravel().tolist()}]}).encode()
+        out = c._call("POST", "/v2/models/encoder/infer", body, "application/json")
+        assert out["id"] == "r1" and out["outputs"][0]["shape"] == [2, 64]
+        np.testing.assert_allclose(np.array(out["outputs"][0]["data"]).reshape(2, 64), c.embed(x), rtol=1e-5,
+                                   atol=1e-6)
+        assert c.request("GET", "/v2")[0] == 200 and c.request("GET", "/v2/models/encoder/ready")[0] == 200
+
+
+def test_openapi_describes_exactly_the_served_routes():
+    from protoedge.runtime.bundle import load_bundle
+    from protoedge.runtime.server import ServerConfig
+    from protoedge.runtime.server_openapi import openapi_document
+    from protoedge.runtime.server_routes import build_app
+
+    daemon = SimpleNamespace(config=ServerConfig(bundle=str(BUNDLE)), bundle=load_bundle(BUNDLE), token=None)
+    app = build_app(daemon)
+    served = {(r.method.lower(), r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"}
+    doc = openapi_document(daemon)
+    described = {(m, p) for p, ops in doc["paths"].items() for m in ops}
+    assert served == described
+
+
+def test_limits_on_body_size_and_images_per_request(tmp_path):
+    with Server(tmp_path, "--max-body-mb", "0.05", "--max-images", "8", unix=False) as srv, srv.client() as c:
+        status, _, body = c.request("POST", "/v1/cluster", Client._body(images(70), None)[0], "application/x-npy")
+        assert status == 413 and "error" in json.loads(body)
+        status, _, body = c.request("POST", "/v1/cluster", Client._body(images(9), None)[0], "application/x-npy")
+        assert status == 400 and "limit" in json.loads(body)["error"]
+        assert c.clusters() == []
+
+
+def test_sigterm_drains_in_flight_requests_snapshots_and_exits_0(tmp_path):
+    srv = Server(tmp_path, "--fsync", "interval", "--fsync-interval", "5")
+    try:
+        srv.start()
+        answered, errors = [], []
+
+        def stream(seed):
+            with srv.client(timeout=20) as c:
+                for i in range(1000):
+                    try:
+                        answered.append(c.cluster_full(images(2, seed=seed * 1000 + i))["seq"])
+                    except (OSError, ClientError) as e:
+                        errors.append(e)
+                        return
+
+        threads = [threading.Thread(target=stream, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        while len(answered) < 40:
+            time.sleep(0.01)
+        assert srv.terminate() == 0
+        for t in threads:
+            t.join(20)
+        out = srv.output()
+        assert "final snapshot at sequence" in out and "stopped (exit 0)" in out
+        assert not os.path.exists(srv.socket_path), "the socket file is removed on exit"
+        snaps = sorted((srv.state_dir / "snapshots").glob("snap-*"))
+        last_seq = int(snaps[-1].name.split("-")[1])
+        assert last_seq >= max(answered), "every answered update is in the final snapshot"
+        # The final snapshot covers everything: no log record is left to replay.
+        srv.start()
+        with srv.client() as c:
+            seen = sum(x["seen"] for x in c.clusters())
+            assert c._call("GET", "/v1/clusters")["seq"] == last_seq
+        assert "0 updates replayed" in srv.output()
+        assert seen >= 2 * len(answered)
+        assert srv.terminate() == 0
+    finally:
+        srv.stop()
+
+
+def test_bearer_token_is_required_except_for_health(tmp_path):
+    token = "s3cret-token-0123456789"
+    tf = tmp_path / "token"
+    tf.write_text(token + "\n")
+    tf.chmod(0o600)
+    with Server(tmp_path, "--token-file", str(tf)) as srv:
+        for url in (srv.tcp_url, srv.unix_url):
+            with Client(url) as anon, Client(url, token="wrong-token-0123456789") as wrong, \
+                    Client(url, token=token) as good:
+                assert anon.ready() and anon.live()
+                for c in (anon, wrong):
+                    for method, path in (("GET", "/v1/clusters"), ("GET", "/metrics"), ("POST", "/v1/cluster"),
+                                         ("GET", "/v2/models/encoder"), ("DELETE", "/v1/clusters/0")):
+                        status, headers, body = c.request(method, path, b"", "application/x-npy")
+                        assert status == 401 and headers.get("www-authenticate") == "Bearer"
+                        assert "token" in json.loads(body)["error"]
+                assert isinstance(good.clusters(), list) and len(good.cluster(images(1))) == 1
+
+
+def test_unix_socket_is_0600_stale_socket_replaced_and_non_socket_refused(tmp_path):
+    sock_path = tmp_path / "pe.sock"
+    import socket as so
+    stale = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+    stale.bind(str(sock_path))  # bound but nobody listening: a dead daemon's leftover
+    stale.close()
+    with Server(tmp_path, tcp=False, state=False) as srv:
+        mode = stat.S_IMODE(os.stat(srv.socket_path).st_mode)
+        assert mode == 0o600
+        with srv.client() as c:
+            assert c.ready()
+        # A second daemon on the same socket is refused while the first is listening.
+        second = subprocess.run([sys.executable, "-m", "protoedge.cli", "serve", str(BUNDLE), "--socket",
+                                 srv.socket_path], env=ENV, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and "another daemon" in second.stdout + second.stderr
+    regular = tmp_path / "not-a-socket"
+    regular.write_text("keep me")
+    r = subprocess.run([sys.executable, "-m", "protoedge.cli", "serve", str(BUNDLE), "--socket", str(regular)],
+                       env=ENV, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "not a socket" in r.stdout + r.stderr
+    assert regular.read_text() == "keep me"
+
+
+def test_non_loopback_host_needs_a_token(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "protoedge.cli", "serve", str(BUNDLE), "--host", "0.0.0.0",
+                        "--port", str(free_port())], env=ENV, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "loopback" in r.stderr
+
+
+def test_overload_answers_503_with_retry_after_and_memory_stays_bounded(tmp_path):
+    with Server(tmp_path, "--max-queue", "2", "--max-batch", "32", "--max-wait-ms", "0", state=False) as srv:
+        with srv.client() as c:
+            rss0 = _rss(c.metrics())
+        statuses, retry_after = [], []
+        body = Client._body(images(256, seed=1), None)[0]
+
+        def flood():
+            with srv.client(timeout=60) as c:
+                for _ in range(6):
+                    status, headers, data = c.request("POST", "/v1/assign", body, "application/x-npy")
+                    statuses.append(status)
+                    if status == 503:
+                        retry_after.append(headers.get("retry-after"))
+                        assert "queue" in json.loads(data)["error"]
+
+        threads = [threading.Thread(target=flood) for _ in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert set(statuses) <= {200, 503}, set(statuses)
+        assert statuses.count(503) > 0 and statuses.count(200) > 0
+        assert all(r == "1" for r in retry_after)
+        with srv.client() as c:
+            m = c.metrics()
+            assert f"protoedge_overload_rejections_total {float(statuses.count(503))}" in m
+            # 24 clients x 200 KB bodies: the queue holds at most 2 of them, so the daemon grows by far
+            # less than the offered load (24 * 6 * 200 KB = 29 MB) and not without bound.
+            assert _rss(m) - rss0 < 150e6
+            assert len(c.assign(images(1))) == 1  # and it still works
+
+
+def _rss(metrics: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith("protoedge_resident_memory_bytes "):
+            return float(line.split()[1])
+    raise AssertionError("no RSS metric")
+
+
+def test_before_ready_the_daemon_is_live_and_answers_503(tmp_path):
+    # The daemon listens (live) before the engine is built; until then ready and the API answer 503.
+    # Whether a poll lands in that window depends on timing, so only the answers are checked.
+    srv = Server(tmp_path, state=False)
+    try:
+        srv.start(wait=False)
+        with srv.client(timeout=5) as c:
+            seen = set()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    status = c.request("GET", "/v2/health/ready")[0]
+                except OSError:
+                    time.sleep(0.01)
+                    continue
+                seen.add(status)
+                if status == 200:
+                    break
+                assert c.request("GET", "/v2/health/live")[0] == 200
+                body = Client._body(images(1), None)[0]
+                assert c.request("POST", "/v1/cluster", body, "application/x-npy")[0] in (200, 503)
+            assert 200 in seen and seen <= {200, 503}
+        assert srv.terminate() == 0
+    finally:
+        srv.stop()
