@@ -27,13 +27,18 @@ def register(main: click.Group, bench: click.Group) -> None:
     @click.option("--eval", "eval_", metavar="DATA", default=None,
                   help="Labelled novel-class images for the accuracy checks. Default: the protocol's test part.")
     @click.option("--episodes", default=1000, show_default=True, help="5-way 1-shot episodes per variant.")
+    @click.option("--eval-classes", type=click.IntRange(min=5), default=None,
+                  help="Score on the first K classes of the eval set only (quicker, noisier).")
+    @click.option("--calib-items", type=click.IntRange(min=2), default=2000, show_default=True,
+                  help="Unlabelled images for the distance calibration statistics.")
     @click.option("--archive", type=click.Path(dir_okay=False, path_type=Path), default=None,
                   help="Also pack the bundle into this .tar.gz for shipping.")
     @click.option("--tensorrt", is_flag=True, help="Also build TensorRT engines for this machine's GPU.")
     @click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                   help="Engine cache for --tensorrt (default: BUNDLE/engines).")
     @click.option("--seed", default=0, show_default=True)
-    def export(checkpoint, out, precision, calib, eval_, episodes, archive, tensorrt, engine_dir, seed):
+    def export(checkpoint, out, precision, calib, eval_, episodes, eval_classes, calib_items, archive, tensorrt,
+               engine_dir, seed):
         """Compile CHECKPOINT to ONNX (FP32/FP16/INT8) in a verifiable bundle."""
         from protoedge._deps import require_torch
 
@@ -47,7 +52,8 @@ def register(main: click.Group, bench: click.Group) -> None:
 
         if archive is not None and not archive.name.endswith((".tar.gz", ".tgz")):
             raise click.BadParameter("the archive name must end in .tar.gz or .tgz", param_hint="--archive")
-        opts = ExportOptions(precisions=precision, calib=calib, eval=eval_, episodes=episodes, archive=archive,
+        opts = ExportOptions(precisions=precision, calib=calib, eval=eval_, episodes=episodes,
+                             eval_classes=eval_classes, calib_items=calib_items, archive=archive,
                              tensorrt=tensorrt, engine_dir=engine_dir, seed=seed)
         try:
             result = export_bundle(checkpoint, out, opts)

@@ -143,13 +143,23 @@ def test_accuracy_gate_thresholds(precision, drop, refused):
         assert precision in reason and "not written" in reason
 
 
-def test_refused_variant_is_not_written(checkpoint, tmp_path, monkeypatch):
+def test_refused_variant_is_not_written_and_tensorrt_fallback_is_reported(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setitem(pipeline.MAX_ACC_DROP, "int8", -100.0)  # any INT8 result now counts as too lossy
-    result = pipeline.export_bundle(checkpoint, tmp_path / "b", pipeline.ExportOptions(
-        precisions=("fp32", "int8"), **{**QUICK, "calib_items": 100}))
-    assert result.bundle.precisions == ["fp32"]
-    assert not (tmp_path / "b" / "encoder.int8.onnx").exists()
-    assert "int8" in result.bundle.manifest["rejected_variants"]
+    out = tmp_path / "b"
+    result = CliRunner().invoke(main, ["export", str(checkpoint), "--out", str(out), "--precision", "int8",
+                                       "--episodes", "50", "--eval-classes", "20", "--calib-items", "100",
+                                       "--tensorrt"])
+    assert "refused int8" in result.output and "not written" in result.output
+    assert load_bundle(out).precisions == ["fp32"]
+    assert not (out / "encoder.int8.onnx").exists()
+    assert "int8" in load_bundle(out).manifest["rejected_variants"]
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert result.exit_code != 0
+        assert "bundle written and verified" in result.output and "TensorRT is not installed" in result.output
+    else:
+        assert result.exit_code == 0, result.output
 
 
 def test_export_cli_errors_are_clear(tmp_path):
