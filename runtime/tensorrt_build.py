@@ -208,9 +208,10 @@ def _build_plan(onnx_path: Path, cache_dir: Path, profile, input_name: str, opti
                 workspace_bytes: int, identity: DeviceIdentity) -> bytes:
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    if builder is None:
-        raise TensorRTUnavailable("TensorRT could not create a builder (no usable CUDA device)")
+    try:
+        builder = trt.Builder(logger)
+    except (RuntimeError, TypeError) as e:  # "factory function returned nullptr" without a usable GPU
+        raise TensorRTUnavailable(f"TensorRT could not create a builder ({e}): no usable CUDA device") from None
     # Required on 10.x, accepted and ignored on 11.x (always strongly typed). Never EXPLICIT_BATCH:
     # it is the only mode since 10.0 and the enum value is gone in 11.x.
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
