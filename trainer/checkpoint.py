@@ -69,3 +69,46 @@ def load_encoder(path: str | os.PathLike) -> tuple[Encoder, dict]:
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the encoder config ({e})") from None
     return encoder.eval(), meta
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    """Optimizer moments as flat tensors ("optim.<param>.<key>") plus the JSON-able param groups."""
+    state = optimizer.state_dict()
+    tensors = {}
+    for pid, per_param in state["state"].items():
+        for key, value in per_param.items():
+            tensors[f"optim.{pid}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, state["param_groups"]
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                      param_groups: list) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def numpy_rng_state(rng) -> dict:
+    """numpy Generator state with its 128-bit integers as strings (JSON cannot hold them)."""
+    s = rng.bit_generator.state
+    return {"bit_generator": s["bit_generator"], "state": {k: str(v) for k, v in s["state"].items()},
+            "has_uint32": s["has_uint32"], "uinteger": s["uinteger"]}
+
+
+def restore_numpy_rng(rng, saved: dict) -> None:
+    rng.bit_generator.state = {"bit_generator": saved["bit_generator"],
+                               "state": {k: int(v) for k, v in saved["state"].items()},
+                               "has_uint32": saved["has_uint32"], "uinteger": saved["uinteger"]}
+
+
+def strip_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **extra_meta) -> Path:
+    """The encoder weights and provenance only (no decoder, optimizer, RNG): the small file that is
+    committed and exported. The training state's step counters are dropped with it."""
+    encoder, meta = load_encoder(src)
+    meta = {k: v for k, v in meta.items() if k not in ("state", "format", "encoder_config")}
+    return save_checkpoint(dst, encoder, {**meta, **extra_meta})

@@ -1,0 +1,114 @@
+"""The full training configuration (saved in every checkpoint) and the named recipes."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import asdict, dataclass, field
+
+from .augment import AugmentConfig
+
+RECIPES = ("default", "autoencoder", "cactus", "maml", "supervised")
+
+
+@dataclass
+class TrainConfig:
+    protocol: str = "omniglot-a"
+    recipe: str = "default"
+    seed: int = 0
+    time_budget_s: float = 1800.0  # everything included: AE stage, k-means, checkpoints
+    steps: int = 0  # > 0: fixed number of meta steps (exactly reproducible); 0: fill the time budget
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "bf16"  # bf16 autocast (CUDA, or CPUs with AMX/AVX512-BF16) | fp32
+    threads: int = 2
+    # encoder (EncoderConfig fields)
+    width: int = 64
+    depth: int = 4
+    # stage 1: autoencoder pretraining
+    ae_fraction: float = 0.05  # share of the time budget
+    ae_steps: int = 0  # > 0 overrides ae_fraction with a fixed number of steps
+    ae_batch: int = 256
+    ae_lr: float = 2e-3
+    denoise_rate: float = 0.2  # pixel dropout on the AE input (denoising autoencoder)
+    # stage 3: ProtoNet on pseudo-tasks
+    distance: str = "cosine"
+    temperature: float = 5.0  # initial value when learned (cosine)
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    warmup: float = 0.03  # share of stage-3 progress with a linear LR ramp
+    aug_way: int = 256  # augmentation tasks: ways (each an image) per step, 0 disables
+    aug_shot: int = 1
+    aug_query: int = 1
+    cluster_way: int = 64  # clustering tasks: ways (clusters) per step, 0 disables
+    cluster_shot: int = 1
+    cluster_query: int = 1
+    cluster_weight: float = 1.0
+    cluster_ks: list[int] = field(default_factory=lambda: [800, 1200, 1600])
+    cluster_start: float = 0.3  # progress at which the first partitions are built
+    cluster_every: float = 0.15  # progress between re-clusterings
+    recon_weight: float = 0.1  # joint reconstruction loss, on recon_batch clean images
+    recon_batch: int = 64
+    # MAML (recipe "maml")
+    maml_way: int = 5
+    maml_shot: int = 1
+    maml_query: int = 5
+    maml_tasks: int = 8
+    maml_inner_steps: int = 5
+    maml_inner_lr: float = 0.4
+    maml_first_order: bool = False
+    # bookkeeping
+    log_every: int = 25
+    val_every: float = 0.1  # progress between validation evaluations (labels of val characters)
+    val_episodes: int = 300
+    checkpoint_every_s: float = 300.0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config fields: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        if isinstance(d.get("augment"), dict):
+            aug = dict(d["augment"])
+            aug["scale"] = tuple(aug.get("scale", AugmentConfig.scale))
+            d["augment"] = AugmentConfig(**aug)
+        return cls(**d)
+
+
+def recipe_config(recipe: str, protocol: str = "omniglot-a", **overrides) -> TrainConfig:
+    """The documented settings of each recipe; overrides win."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+    base: dict = {"recipe": recipe, "protocol": protocol}
+    if protocol == "mnist":
+        # 10 classes of 6,000 images: few, large clusters.
+        base.update(cluster_ks=[10, 20, 40], cluster_way=10, cluster_shot=2, cluster_query=2)
+    if recipe == "autoencoder":
+        base.update(ae_fraction=1.0)
+    elif recipe == "cactus":
+        # CACTUs-ProtoNets: k-means tasks on the frozen autoencoder embedding, no augmentation tasks.
+        base.update(aug_way=0, cluster_start=0.0, cluster_every=2.0, cluster_way=20, cluster_shot=1,
+                    cluster_query=5, distance="sqeuclidean", recon_weight=0.0,
+                    cluster_ks=[500] * 5 if protocol != "mnist" else [10] * 5)
+    elif recipe == "supervised":
+        base.update(aug_way=0, cluster_way=60, cluster_shot=1, cluster_query=5, cluster_start=0.0,
+                    cluster_every=2.0, recon_weight=0.0, ae_fraction=0.0)
+    elif recipe == "maml":
+        base.update(distance="sqeuclidean", recon_weight=0.0)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def parse_duration(text: str) -> float:
+    """'30m', '90s', '1h', '1h30m' or plain seconds -> seconds."""
+    text = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", text)
+    if not parts or "".join(f"{a}{b}" for a, b in parts) != text.replace(" ", ""):
+        raise ValueError(f"cannot read duration {text!r}; use e.g. 30m, 90s, 1h30m")
+    return sum(float(a) * {"h": 3600, "m": 60, "s": 1}[b] for a, b in parts)
