@@ -15,10 +15,14 @@ import numpy as np
 from .errors import InputError
 from .validation import validate_pixels
 
-NPY_TYPES = ("application/x-npy", "application/octet-stream")
+NPY_TYPES = ("application/x-npy",)
 IMAGE_TYPES = ("image/png", "image/jpeg")
 MAX_NPY_HEADER = 4096
 MAX_IMAGE_SIDE = 4096  # a PNG/JPEG is resized to the model's input; bigger is not a camera frame
+
+
+class UnsupportedMediaType(InputError):
+    """Answered with 415: the body may be fine, its declared type is not one the route reads."""
 
 
 def parse_npy(body: bytes, max_images: int) -> np.ndarray:
@@ -38,8 +42,8 @@ def parse_npy(body: bytes, max_images: int) -> np.ndarray:
             raise InputError(f"unsupported .npy format version {major}.{minor}")
     except InputError:
         raise
-    except (ValueError, SyntaxError, TypeError, UnicodeDecodeError, OverflowError) as e:
-        raise InputError(f"malformed .npy header ({e})") from None
+    except Exception as e:  # numpy's header parser can raise tokenize/syntax/value errors alike
+        raise InputError(f"malformed .npy header ({type(e).__name__}: {e})") from None
     if dtype.hasobject:
         raise InputError("object arrays are refused (no pickle)")
     if dtype != np.uint8:
@@ -68,6 +72,9 @@ def parse_image(body: bytes, channels: int, height: int, width: int) -> np.ndarr
             raise InputError(f"expected a PNG or JPEG image, got {im.format}")
         if max(im.size) > MAX_IMAGE_SIDE:
             raise InputError(f"image is {im.size[0]}x{im.size[1]}, larger than {MAX_IMAGE_SIDE} pixels a side")
+        if im.format == "PNG":
+            # Decoding alone does not check the chunk CRCs, so a damaged PNG could pass as an image.
+            Image.open(io.BytesIO(body)).verify()
         im = im.convert("L" if channels == 1 else "RGB")
         if im.size != (width, height):
             im = im.resize((width, height), Image.BILINEAR)
@@ -91,8 +98,8 @@ def decode_pixels(body: bytes, content_type: str, input_spec: dict, max_images: 
     elif content_type in IMAGE_TYPES:
         pixels = parse_image(body, c, h, w)
     else:
-        raise InputError(f"unsupported Content-Type {content_type!r}; use application/x-npy, image/png "
-                         "or image/jpeg")
+        raise UnsupportedMediaType(f"unsupported Content-Type {content_type!r}; use application/x-npy, image/png "
+                                   "or image/jpeg")
     return validate_pixels(pixels, c, h, w)
 
 

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from .errors import InputError, StateError
 from .server_batcher import Overloaded
-from .server_codec import (decode_pixels, parse_json, parse_labels, png_base64)
+from .server_codec import UnsupportedMediaType, decode_pixels, parse_json, parse_labels, png_base64
 from .server_metrics import CONTENT_TYPE as METRICS_TYPE
 from .server_openapi import openapi_document
 from .server_state import Job, NotFound, PersistError
@@ -62,6 +62,8 @@ def make_middlewares(daemon):
             return await handler(request)
         except NotFound as e:
             return error(404, str(e))
+        except UnsupportedMediaType as e:
+            return error(415, str(e))
         except InputError as e:
             return error(400, str(e))
         except StateError as e:
