@@ -31,6 +31,7 @@ from .errors import InputError, StateError
 from .validation import validate_embeddings
 
 STATE_FORMAT = 1
+_CHUNK = 64  # samples per score matrix in partial_fit (measured best of 32-256; bounds its memory)
 
 
 class Assignment(NamedTuple):
@@ -156,14 +157,18 @@ class StreamClusterer:
 
     def _reset(self, capacity: int) -> None:
         d = self.dim
-        self._means = np.zeros((capacity, d), np.float32)
-        # For cosine the search matrix holds unit-length prototypes; for sqeuclidean it *is* the means.
-        self._search = np.zeros((capacity, d), np.float32) if self.distance == "cosine" else self._means
-        self._sqn = np.zeros(capacity, np.float32)
-        # Counts are stored divided by _cscale = decay ** step, so decaying all of them is one
-        # scalar multiply per sample instead of a pass over the array.
+        # Weighted sums and counts are both stored divided by _cscale (= decay ** samples seen,
+        # renormalised now and then), so decaying every cluster is one scalar multiply, and a
+        # sample is learned by adding it, pre-scaled, to one row. prototype = sum / count.
+        self._sums = np.zeros((capacity, d), np.float32)
         self._counts = np.zeros(capacity, np.float64)
         self._cscale = 1.0
+        # What is searched: unit-length prototypes for cosine, the prototypes for sqeuclidean.
+        self._search = np.zeros((capacity, d), np.float32)
+        self._sqn = np.zeros(capacity, np.float32)
+        self._scores = None  # per-batch [N, slots] x.p - |p|^2/2, kept current (see _fit_batch)
+        self._xb = None
+        self._row = 0
         self._seen = np.zeros(capacity, np.int64)
         self._created = np.zeros(capacity, np.int64)
         self._last = np.zeros(capacity, np.int64)
@@ -176,7 +181,6 @@ class StreamClusterer:
         self._next_id = 0
         self._stats = {"created": 0, "evicted": 0, "merged": 0, "dissolved": 0, "refinements": 0}
         self._window: list[tuple[np.ndarray, int, int]] = []  # (x, cluster id, step) for refinement
-        self._dbuf = np.empty(capacity, np.float32)
 
     @property
     def n_clusters(self) -> int:
@@ -196,12 +200,11 @@ class StreamClusterer:
         """Assign each embedding in order and learn from it; returns one Assignment per row."""
         x = self._prepare(X)
         with self._lock:
-            xx = (x * x).sum(1)
             out = []
-            for i in range(len(x)):
-                out.append(self._learn_one(x[i], float(xx[i])))
-                if self.refine_every and len(self._window) >= self.refine_every:
-                    self._refine()
+            # a chunk may not decay the scale by more than 1e-10 (see _fit_batch)
+            rows = _CHUNK if self.decay == 1.0 else max(1, min(_CHUNK, int(-10 / math.log10(self.decay))))
+            for start in range(0, len(x), rows):
+                out += self._fit_batch(x[start:start + rows])
             return out
 
     def predict(self, X) -> list[Assignment]:
@@ -306,7 +309,10 @@ class StreamClusterer:
 
         with self._lock:
             n = self._n
-            arrays = {"means": self._means[:n].copy(), "counts": self._counts[:n] * self._cscale,
+            # sums/counts in their stored scale (meta "scale") make a resumed run bit-identical;
+            # means and real counts are there for anyone reading the file
+            arrays = {"means": self._means(), "counts": self._counts[:n] * self._cscale,
+                      "stored_sums": self._sums[:n].copy(), "stored_counts": self._counts[:n].copy(),
                       "seen": self._seen[:n].copy(), "created": self._created[:n].copy(),
                       "last_seen": self._last[:n].copy(), "ids": self._ids[:n].copy(),
                       # the refinement window, so a resumed stream refines exactly as an unbroken one
@@ -315,6 +321,7 @@ class StreamClusterer:
                       "window_steps": np.array([w[2] for w in self._window], np.int64)}
             meta = {"format": STATE_FORMAT, "params": self.get_params(), "model": self.model,
                     "labels": list(self._labels[:n]), "step": self._step, "next_id": self._next_id,
+                    "scale": self._cscale,
                     "aliases": {str(k): v for k, v in self._aliases.items()}, "stats": self._stats}
         return save_generation(state_dir, arrays, meta, keep=keep)
 
@@ -354,8 +361,18 @@ class StreamClusterer:
         if not np.isfinite(means).all() or not np.isfinite(arrays["counts"]).all():
             raise StateError("saved prototypes contain NaN or infinite values")
         self._reset(capacity=max(n, min(64, self.max_clusters)))
-        self._means[:n] = means
-        self._counts[:n] = arrays["counts"]
+        counts = np.asarray(arrays["counts"], np.float64)
+        if (counts <= 0).any():
+            raise StateError("saved cluster counts must be positive")
+        if "stored_sums" in arrays and "scale" in meta:
+            if np.shape(arrays["stored_sums"]) != means.shape or np.shape(arrays["stored_counts"]) != (n,):
+                raise StateError("saved sums/counts do not match the saved prototypes")
+            self._sums[:n] = arrays["stored_sums"]
+            self._counts[:n] = arrays["stored_counts"]
+            self._cscale = float(meta["scale"])
+        else:
+            self._counts[:n] = counts
+            self._sums[:n] = means * counts[:, None]
         self._seen[:n] = arrays["seen"]
         self._created[:n] = arrays["created"]
         self._last[:n] = arrays["last_seen"]
@@ -388,62 +405,107 @@ class StreamClusterer:
             x = x / norms
         return x
 
-    def _learn_one(self, x: np.ndarray, xx: float) -> Assignment:
+    def _means(self) -> np.ndarray:
         n = self._n
-        step = self._step
-        self._step += 1
-        self._cscale *= self.decay
-        if self._cscale < 1e-100:
-            self._counts[:n] *= self._cscale
-            self._cscale = 1.0
-        if n == 0:
-            slot = self._open(x, 1.0)
-            self._remember(x, slot, step)
-            return Assignment(int(self._ids[slot]), math.inf, 1.0, True, None)
-        # Hot path: one matrix-vector product, then argmax/argmin; written out for speed.
-        s = self._dbuf[:n]
-        np.dot(self._search[:n], x, out=s)
-        if self.distance == "cosine":  # unit prototypes: d = 2 - 2 cos, nearest = largest dot
-            j = int(s.argmax())
-            dj = max(2.0 - 2.0 * float(s[j]), 0.0)
-            if n > 1:
-                s[j] = -np.inf
-                k = int(s.argmax())
-                dk = max(2.0 - 2.0 * float(s[k]), 0.0)
-            else:
-                k, dk = -1, math.inf
-        else:
-            s *= -2.0
-            s += self._sqn[:n]
-            j = int(s.argmin())
-            dj = max(float(s[j]) + xx, 0.0)
-            if n > 1:
-                s[j] = np.inf
-                k = int(s.argmin())
-                dk = max(float(s[k]) + xx, 0.0)
-            else:
-                k, dk = -1, math.inf
-        if dj > self.threshold:
-            slot = self._open(x, 1.0)
-            self._remember(x, slot, step)
-            return Assignment(int(self._ids[slot]), dj, self._confidence(dj, dk, True), True, None)
-        cid = int(self._ids[j])
-        label = self._labels[j]
-        conf = self._confidence(dj, dk, False)
-        self._absorb(j, x, 1.0)
-        self._remember(x, j, step)
-        if k >= 0 and self.merge_threshold > 0:
-            self._maybe_merge(j, k)
-        return Assignment(cid, dj, conf, False, label)
+        return (self._sums[:n] / self._counts[:n, None]).astype(np.float32)
+
+    def _fit_batch(self, x: np.ndarray) -> list[Assignment]:
+        """Predict-then-learn for each row in order.
+
+        Instead of one matrix-vector product per sample, the batch's scores against every
+        prototype are computed once (a matrix product) and each change to a prototype rewrites
+        its column for the rows still to come, so every sample still meets the prototypes exactly as
+        they are when it arrives."""
+        n_rows = len(x)
+        decay = self.decay
+        if self._cscale < 1e-10:  # with <= 1e-10 more per chunk, stored values stay < 1e20 x real ones
+            self._renormalise()
+        # the scale each sample is learned at, and the sample pre-scaled for adding to a sum
+        scales = self._cscale * decay ** np.arange(1, n_rows + 1, dtype=np.float64)
+        inv = 1.0 / scales
+        xs = (x * inv[:, None]).astype(np.float32)
+        xx = (x * x).sum(1).tolist()
+        inv_list = inv.tolist()
+        # The winner moves towards x, so |p_j' - p_k| >= |x - p_k| - |x - p_j| (triangle inequality):
+        # when that bound already exceeds the merge distance, the exact check is skipped.
+        root_merge = math.sqrt(self.merge_threshold)
+        n = self._n
+        self._xb = x
+        self._row = 0
+        self._scores = np.empty((n_rows, n + n_rows), np.float32)
+        if n:
+            self._rescore(x, n)
+        out = []
+        cosine = self.distance == "cosine"
+        t, tau, merge = self.temperature, self.threshold, self.merge_threshold
+        try:
+            for i in range(n_rows):
+                self._row = i + 1
+                step = self._step
+                self._step += 1
+                self._cscale = float(scales[i])
+                n = self._n
+                if n == 0:
+                    slot = self._open(x[i], 1.0)
+                    self._remember(x[i], slot, step)
+                    out.append(Assignment(int(self._ids[slot]), math.inf, 1.0, True, None))
+                    continue
+                row = self._scores[i, :n]
+                # d = |x|^2 - 2 (x.p - |p|^2/2); for cosine the constant -1/2 is dropped: d = 2 - 2 x.p
+                j = int(row.argmax())
+                dj = max((2.0 - 2.0 * float(row[j])) if cosine else (xx[i] - 2.0 * float(row[j])), 0.0)
+                if n > 1:
+                    row[j] = -np.inf  # this row is never read again
+                    k = int(row.argmax())
+                    dk = max((2.0 - 2.0 * float(row[k])) if cosine else (xx[i] - 2.0 * float(row[k])), 0.0)
+                else:
+                    k, dk = -1, math.inf
+                if dj > tau:
+                    conf = self._confidence(dj, dk, True)
+                    slot = self._open(x[i], 1.0)
+                    self._remember(x[i], slot, step)
+                    out.append(Assignment(int(self._ids[slot]), dj, conf, True, None))
+                    continue
+                conf = 1.0 / (1.0 + (math.exp(t * (dj - dk)) if k >= 0 else 0.0) + math.exp(t * (dj - tau)))
+                result = Assignment(int(self._ids[j]), dj, conf, False, self._labels[j])
+                self._sums[j] += xs[i]
+                self._counts[j] += inv_list[i]
+                self._seen[j] += 1
+                self._last[j] = step
+                self._refresh(j)
+                if self.refine_every:
+                    self._window.append((x[i].copy(), result.cluster_id, step))
+                if k >= 0 and merge > 0 and math.sqrt(dk) - math.sqrt(dj) < root_merge:
+                    self._maybe_merge(j, k)
+                out.append(result)
+                if self.refine_every and len(self._window) >= self.refine_every:
+                    self._refine()
+                    self._rescore(x, self._n)
+        finally:
+            self._scores = self._xb = None
+            self._row = 0
+        return out
+
+    def _rescore(self, x: np.ndarray, n: int) -> None:
+        r = self._row
+        scores = x[r:] @ self._search[:n].T
+        if self.distance != "cosine":
+            scores -= 0.5 * self._sqn[:n]
+        self._scores[r:, :n] = scores
+
+    def _renormalise(self) -> None:
+        n = self._n
+        self._sums[:n] *= self._cscale
+        self._counts[:n] *= self._cscale
+        self._cscale = 1.0
 
     def _confidence(self, d1: float, d2: float, new: bool) -> float:
-        # Softmax over {nearest, runner-up, "new cluster" at the threshold}, shifted for stability.
-        t = self.temperature
-        logits = [-t * d1 if math.isfinite(d1) else -math.inf, -t * d2 if math.isfinite(d2) else -math.inf,
-                  -t * self.threshold]
-        top = max(logits)
-        e = [math.exp(v - top) if v != -math.inf else 0.0 for v in logits]
-        return (e[2] if new else e[0]) / sum(e)
+        """Softmax over {nearest, runner-up, "new cluster" at the threshold}, written so that every
+        exponent is <= 0 (no overflow): d1 <= d2 always, and d1 <= threshold unless new."""
+        t, tau = self.temperature, self.threshold
+        if new:
+            return 1.0 / (1.0 + math.exp(t * (tau - d1)) + (math.exp(t * (tau - d2)) if d2 < math.inf else 0.0))
+        return 1.0 / (1.0 + (math.exp(t * (d1 - d2)) if d2 < math.inf else 0.0) + math.exp(t * (d1 - tau)))
 
     def _dist_matrix(self, x: np.ndarray) -> np.ndarray:
         n = self._n
@@ -455,48 +517,46 @@ class StreamClusterer:
             self._window.append((x.copy(), int(self._ids[slot]), step))
 
     def _refresh(self, s: int) -> None:
-        m = self._means[s]
-        if self.distance == "cosine":
-            norm = float(np.sqrt(m @ m))
-            self._search[s] = m / max(norm, 1e-12)
+        """Recompute what is searched for slot s after its sum or count changed."""
+        m = self._sums[s]
+        if self.distance == "cosine":  # the mean's direction is the sum's direction
+            np.multiply(m, 1.0 / max(math.sqrt(float(np.dot(m, m))), 1e-30), out=self._search[s])
             self._sqn[s] = 1.0
         else:
-            self._sqn[s] = float(m @ m)
+            np.multiply(m, 1.0 / self._counts[s], out=self._search[s])
+            self._sqn[s] = float(np.dot(self._search[s], self._search[s]))
+        if self._scores is not None:  # rows already processed never look again
+            r = self._row
+            col = self._xb[r:] @ self._search[s]
+            if self.distance != "cosine":
+                col -= 0.5 * self._sqn[s]
+            self._scores[r:, s] = col
 
     def _absorb(self, s: int, x: np.ndarray, weight: float) -> None:
-        c = self._counts[s] * self._cscale
-        m = self._means[s]
-        m += (weight / (c + weight)) * (x - m)
-        self._counts[s] = (c + weight) / self._cscale
+        self._sums[s] += x * (weight / self._cscale)
+        self._counts[s] += weight / self._cscale
         self._seen[s] += int(round(weight))
         self._last[s] = max(self._step - 1, 0)
         self._refresh(s)
 
     def _grow(self) -> None:
-        cap = min(2 * len(self._means), self.max_clusters)
-        for name in ("_means", "_sqn", "_counts", "_seen", "_created", "_last", "_ids"):
+        cap = min(2 * len(self._sums), self.max_clusters)
+        for name in ("_sums", "_search", "_sqn", "_counts", "_seen", "_created", "_last", "_ids"):
             old = getattr(self, name)
             new = np.zeros((cap,) + old.shape[1:], old.dtype)
             new[:self._n] = old[:self._n]
             setattr(self, name, new)
-        if self.distance == "cosine":
-            new = np.zeros((cap, self.dim), np.float32)
-            new[:self._n] = self._search[:self._n]
-            self._search = new
-        else:
-            self._search = self._means
-        self._dbuf = np.empty(cap, np.float32)
 
     def _open(self, x: np.ndarray, count: float, label: str | None = None) -> int:
         if self._n >= self.max_clusters:
             self._evict()
-        if self._n >= len(self._means):
+        if self._n >= len(self._sums):
             self._grow()
         s = self._n
         self._n += 1
         cid = self._next_id
         self._next_id += 1
-        self._means[s] = x
+        self._sums[s] = x * (count / self._cscale)
         self._counts[s] = count / self._cscale
         self._seen[s] = int(round(count))
         self._created[s] = self._last[s] = max(self._step - 1, 0)
@@ -520,17 +580,18 @@ class StreamClusterer:
         last = self._n - 1
         del self._slot[int(self._ids[s])]
         if s != last:  # keep active slots contiguous: move the last one into the hole
-            for arr in (self._means, self._sqn, self._counts, self._seen, self._created, self._last, self._ids):
+            for arr in (self._sums, self._search, self._sqn, self._counts, self._seen, self._created,
+                        self._last, self._ids):
                 arr[s] = arr[last]
-            if self.distance == "cosine":
-                self._search[s] = self._search[last]
+            if self._scores is not None:
+                self._scores[:, s] = self._scores[:, last]
             self._labels[s] = self._labels[last]
             self._slot[int(self._ids[s])] = s
         self._labels.pop()
         self._n = last
 
     def _maybe_merge(self, j: int, k: int) -> None:
-        dist = float(self._sqn[j] + self._sqn[k] - 2.0 * (self._search[j] @ self._search[k]))
+        dist = float(self._sqn[j] + self._sqn[k] - 2.0 * np.dot(self._search[j], self._search[k]))
         if dist >= self.merge_threshold:
             return
         lj, lk = self._labels[j], self._labels[k]
@@ -543,11 +604,8 @@ class StreamClusterer:
         la, lb = self._labels[a], self._labels[b]
         keep_a = (la is not None) if (la is None) != (lb is None) else self._counts[a] >= self._counts[b]
         s, o = (a, b) if keep_a else (b, a)
-        cs, co = self._counts[s], self._counts[o]
-        total = cs + co
-        if total > 0:
-            self._means[s] = (cs * self._means[s] + co * self._means[o]) / total
-        self._counts[s] = total
+        self._sums[s] += self._sums[o]  # same scale: the merged prototype is the count-weighted mean
+        self._counts[s] += self._counts[o]
         self._seen[s] += self._seen[o]
         self._created[s] = min(self._created[s], self._created[o])
         self._last[s] = max(self._last[s], self._last[o])
@@ -569,7 +627,8 @@ class StreamClusterer:
             return
         x = np.stack([w[0] for w in window])
         slots = np.array([self._slot.get(self.resolve(w[1]), -1) for w in window])
-        weight = self.decay ** (self._step - 1 - np.array([w[2] for w in window], np.float64))
+        # each sample was learned with weight 1, decayed since; in stored units that is 1 / its scale
+        weight = self.decay ** (self._step - 1 - np.array([w[2] for w in window], np.float64)) / self._cscale
         logits = -self.temperature * self._dist_matrix(x)
         logits -= logits.max(1, keepdims=True)
         z = np.exp(logits)
@@ -578,25 +637,24 @@ class StreamClusterer:
         hard = np.zeros_like(z)
         ok = slots >= 0
         hard[np.flatnonzero(ok), slots[ok]] = weight[ok]
-        delta_w = (z - hard).sum(0)                      # [n]
-        delta_s = (z - hard).T.astype(np.float32) @ x    # [n, D]
-        before = self._counts[:n] * self._cscale
-        counts = before + delta_w
-        sums = before[:, None] * self._means[:n] + delta_s
-        alive = counts > 0.5  # a cluster that lost (almost) all its mass is dissolved
-        self._counts[:n] = np.where(alive, counts, before) / self._cscale
+        counts = self._counts[:n] + (z - hard).sum(0)
+        sums = self._sums[:n] + ((z - hard).T @ x).astype(np.float32)
+        alive = counts * self._cscale > 0.5  # a cluster that lost (almost) all its mass is dissolved
+        self._counts[:n] = np.where(alive, counts, self._counts[:n])
+        self._sums[:n] = np.where(alive[:, None], sums, self._sums[:n])
         for s in np.flatnonzero(alive):
-            self._means[s] = sums[s] / counts[s]
             self._refresh(int(s))
         self._stats["refinements"] += 1
-        for s in sorted(np.flatnonzero(~alive), reverse=True):
-            if self._labels[s] is None and self._n > 1:
-                gone = int(self._ids[s])
-                # Where its window samples went, by soft vote: the alias a stored id resolves to.
-                target = int(np.argmax(z[slots == s].sum(0))) if (slots == s).any() else -1
-                if 0 <= target < self._n and target != s:
-                    self._aliases[gone] = int(self._ids[target])
-                self._remove_slot(int(s))
+        dissolved = [int(s) for s in np.flatnonzero(~alive) if self._labels[s] is None]
+        for s in dissolved:
+            # Where its window samples went, by soft vote: the alias a stored id resolves to.
+            votes = z[slots == s].sum(0)
+            votes[dissolved] = -1
+            if (slots == s).any() and votes.max() > 0:
+                self._aliases[int(self._ids[s])] = int(self._ids[int(votes.argmax())])
+        for s in sorted(dissolved, reverse=True):  # descending: a swap never moves a slot still to go
+            if self._n > 1:
+                self._remove_slot(s)
                 self._stats["dissolved"] += 1
 
     def _slot_of_label(self, name: str) -> int | None:

@@ -239,3 +239,20 @@ def test_threshold_from_calibration_rule_and_fallback():
     assert threshold_from_calibration({"new_cluster_threshold": 0.3}) == pytest.approx(0.3)
     with pytest.raises(StateError):
         threshold_from_calibration({})
+
+
+@pytest.mark.parametrize("distance", ["cosine", "sqeuclidean"])
+def test_batched_partial_fit_equals_one_sample_at_a_time(distance):
+    """partial_fit scores a batch with one matrix product and patches columns as prototypes change;
+    that must be the same as learning sample by sample (merges, evictions, refinement included)."""
+    x, _, _ = blobs(n_classes=12, per_class=25, noise=0.15, seed=7)
+    params = dict(threshold=0.5, distance=distance, max_clusters=10, merge_threshold=0.45, refine_every=37,
+                  decay=0.99)
+    batched, single = StreamClusterer(D, **params), StreamClusterer(D, **params)
+    a = batched.partial_fit(x)
+    b = [r for i in range(len(x)) for r in single.partial_fit(x[i:i + 1])]
+    assert [(r.cluster_id, r.new_cluster, r.label) for r in a] == [(r.cluster_id, r.new_cluster, r.label) for r in b]
+    np.testing.assert_allclose([r.distance for r in a[1:]], [r.distance for r in b[1:]], atol=1e-4)
+    st = batched.stats
+    assert st["merged"] > 0 and st["evicted"] > 0 and st["refinements"] > 0  # every path was exercised
+    np.testing.assert_allclose(batched.prototypes()[1], single.prototypes()[1], atol=1e-4)
