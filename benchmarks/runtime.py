@@ -1,0 +1,493 @@
+"""`protoedge bench runtime`: speed and clustering quality of the device runtime, every comparison
+measured side by side in one run. Writes benchmarks/results/runtime.md and runtime.json.
+
+Speed: images/s and per-sample latency (p50/p99) at batch 1/8/64 for the runtime end to end
+(pixels in, assignments out), a bare onnxruntime session on the same ONNX file, and the torch
+model in eager mode (if torch is installed); calls are interleaved so background load hits all
+three alike. Assign+update cost for 10 to 10,000 clusters. Import time, cold start, memory.
+
+Quality, prequential (each sample is assigned before it is learned), unknown number of clusters:
+(a) 50 random streams of 20 Protocol-A test characters x 20 drawings, shuffled;
+(b) the 10,000 MNIST test images as one stream (bundle trained on unlabelled MNIST-train);
+(c) one labelled example per class, then the rest of the stream unlabelled.
+Baselines on the same embeddings: k-means with the true K (offline), MiniBatchKMeans (true K,
+predict-then-partial_fit in chunks) and river's DBSTREAM (radius from the same calibration).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from protoedge.datasets import load_split
+from protoedge.fewshot import l2_normalize, soft_kmeans_refine
+from protoedge.metrics import clustering_scores, mean_ci95
+from protoedge.runtime import Runtime, StreamClusterer, load_bundle, open_encoder
+
+BATCHES = (1, 8, 64)
+CLUSTER_COUNTS = (10, 100, 1000, 10000)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _pct(values, q) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def _latency_stats(seconds: list[float], batch: int) -> dict:
+    med = _pct(seconds, 50)
+    return {"images_per_s": batch / med, "call_ms_p50": 1e3 * med, "call_ms_p99": 1e3 * _pct(seconds, 99),
+            "per_sample_us_p50": 1e6 * med / batch, "per_sample_us_p99": 1e6 * _pct(seconds, 99) / batch}
+
+
+def _torch_model(bundle):
+    """The eager torch encoder for the same weights, or None when torch is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return None, "torch not installed"
+    from protoedge.trainer.checkpoint import load_encoder
+    from protoedge.trainer.model import Encoder, EncoderConfig
+
+    prov = bundle.manifest.get("provenance", {})
+    ckpt = Path(bundle.root).parent / "encoder.safetensors"
+    if ckpt.is_file():
+        model, _ = load_encoder(ckpt)
+        note = f"{ckpt}"
+    else:  # speed does not depend on the weights
+        model = Encoder(EncoderConfig(**prov.get("encoder_config", {}))).eval()
+        note = "random weights, same architecture (no checkpoint next to the bundle)"
+    torch.set_num_threads(os.cpu_count() or 1)
+    return model, note
+
+
+# ----------------------------------------------------------------------------- speed
+
+def bench_speed(bundle, images: np.ndarray, repeats: int) -> dict:
+    import onnxruntime as ort
+
+    threads = os.cpu_count() or 1
+    rt = Runtime(bundle, backend="cpu", threads=threads)
+    bare = ort.InferenceSession(str(bundle.onnx_path("fp32")), providers=["CPUExecutionProvider"])
+    in_name = bare.get_inputs()[0].name
+    model, torch_note = _torch_model(bundle)
+    methods = {"runtime": lambda x: rt.cluster(x), "bare_onnxruntime": lambda x: bare.run(None, {in_name: x})}
+    if model is not None:
+        import torch
+
+        def eager(x):
+            with torch.inference_mode():
+                return model(torch.from_numpy(x)).numpy()
+
+        methods["torch_eager"] = eager
+    rng = np.random.default_rng(0)
+    out = {"threads": threads, "torch": torch_note, "batches": {}}
+    for b in BATCHES:
+        n_rep = repeats * (4 if b == 1 else 2 if b == 8 else 1)
+        times = {m: [] for m in methods}
+        for f in methods.values():  # warm-up
+            for _ in range(3):
+                f(images[:b])
+        for _ in tqdm(range(n_rep), desc=f"speed b{b}", leave=False):
+            start = int(rng.integers(0, len(images) - b))
+            x = np.ascontiguousarray(images[start:start + b])
+            for m, f in methods.items():
+                t = time.perf_counter()
+                f(x)
+                times[m].append(time.perf_counter() - t)
+        stats = {m: _latency_stats(v, b) for m, v in times.items()}
+        for m in stats:
+            stats[m]["ratio_vs_bare"] = stats[m]["images_per_s"] / stats["bare_onnxruntime"]["images_per_s"]
+        out["batches"][str(b)] = stats
+    out["runtime_backend"] = rt.describe()["encoder"]
+    return out
+
+
+def bench_assign_update(dim: int, distance: str, quick: bool) -> dict:
+    rng = np.random.default_rng(0)
+    rows = {}
+    for k in CLUSTER_COUNTS:
+        protos = l2_normalize(rng.normal(size=(k, dim))).astype(np.float32)
+        c = StreamClusterer(dim, threshold=1e-9, distance=distance, max_clusters=max(k, 1000))
+        c.partial_fit(protos)  # k clusters, each opened by one sample
+        assert c.n_clusters == k
+        c.threshold, c.merge_threshold = 0.5, 0.25  # from here on samples join their cluster
+        n = 2000 if quick else 5000
+        q = (protos[rng.integers(0, k, n)] + 0.05 * rng.normal(size=(n, dim))).astype(np.float32)
+        t = time.perf_counter()
+        c.partial_fit(q)
+        in_batch = (time.perf_counter() - t) / n
+        single = []
+        for i in range(min(n, 2000)):
+            t = time.perf_counter()
+            c.partial_fit(q[i:i + 1])
+            single.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        c.predict(q)
+        predict = (time.perf_counter() - t) / n
+        rows[str(k)] = {"assign_update_us_in_batch": 1e6 * in_batch,
+                        "assign_update_us_single_call_p50": 1e6 * _pct(single, 50),
+                        "assign_update_us_single_call_p99": 1e6 * _pct(single, 99),
+                        "predict_only_us_in_batch": 1e6 * predict, "clusters_after": c.n_clusters}
+    return rows
+
+
+_PROBE = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import protoedge.runtime as r
+t_import = time.perf_counter() - t0
+import numpy as np
+from protoedge.datasets import load_split
+images = load_split("omniglot-a", "test").images[:2000]
+t1 = time.perf_counter()
+rt = r.Runtime(sys.argv[1], backend="cpu")
+rt.cluster(images[:1])
+t_first = time.perf_counter() - t1
+rt.cluster(images)
+status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
+kb = lambda k: int(status[k].split()[0]) / 1024
+print(json.dumps({"import_s": t_import, "first_result_s": t_first, "rss_mb": kb("VmRSS"),
+                  "peak_rss_mb": kb("VmHWM"), "torch_imported": "torch" in sys.modules}))
+"""
+
+_TORCH_PROBE = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+from protoedge.trainer.model import Encoder
+t_import = time.perf_counter() - t0
+import numpy as np
+from protoedge.datasets import load_split
+images = load_split("omniglot-a", "test").images[:2000]
+t1 = time.perf_counter()
+m = Encoder().eval()
+with torch.inference_mode():
+    m(torch.from_numpy(images[:1]))
+    t_first = time.perf_counter() - t1
+    for i in range(0, 2000, 64):
+        m(torch.from_numpy(images[i:i + 64]))
+status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
+kb = lambda k: int(status[k].split()[0]) / 1024
+print(json.dumps({"import_s": t_import, "first_result_s": t_first, "rss_mb": kb("VmRSS"),
+                  "peak_rss_mb": kb("VmHWM")}))
+"""
+
+
+def bench_startup(bundle_dir: Path, runs: int) -> dict:
+    def probe(code, *args):
+        got = []
+        for _ in range(runs):
+            p = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                               timeout=300)
+            if p.returncode != 0:
+                return {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "failed"}
+            got.append(json.loads(p.stdout))
+        return {k: (float(np.median([g[k] for g in got])) if not isinstance(got[0][k], bool) else got[0][k])
+                for k in got[0]}
+
+    out = {"runtime": probe(_PROBE, bundle_dir)}
+    try:
+        import torch  # noqa: F401
+
+        out["torch_eager"] = probe(_TORCH_PROBE)
+    except ImportError:
+        out["torch_eager"] = {"error": "torch not installed"}
+    return out
+
+
+# ----------------------------------------------------------------------------- quality
+
+def _stream_ours(x: np.ndarray, bundle, **params) -> tuple[np.ndarray, np.ndarray, StreamClusterer, float]:
+    c = StreamClusterer.from_bundle(bundle, **params)
+    t = time.perf_counter()
+    a = c.partial_fit(x)
+    dt = (time.perf_counter() - t) / len(x)
+    raw = np.array([r.cluster_id for r in a])
+    return raw, np.array([c.resolve(int(i)) for i in raw]), c, dt
+
+
+def _kmeans(x, k, seed):
+    from sklearn.cluster import KMeans
+
+    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
+
+
+def _minibatch(x, k, seed, chunk):
+    """Prequential MiniBatchKMeans: each chunk is predicted, then learned (the first chunk, which
+    initialises the model, is learned first: the baseline's one unavoidable head start)."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    m = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=chunk)
+    pred = []
+    first = max(chunk, k)
+    m.partial_fit(x[:first])
+    pred.append(m.predict(x[:first]))
+    for i in range(first, len(x), chunk):
+        pred.append(m.predict(x[i:i + chunk]))
+        m.partial_fit(x[i:i + chunk]) if len(x[i:i + chunk]) >= 1 else None
+    return np.concatenate(pred)
+
+
+def _dbstream(x, radius):
+    from river.cluster import DBSTREAM
+
+    m = DBSTREAM(clustering_threshold=radius)
+    pred = []
+    for v in x:
+        d = dict(enumerate(v.tolist()))
+        try:
+            pred.append(m.predict_one(d))
+        except Exception:  # an empty model has nothing to predict with
+            pred.append(-1)
+        m.learn_one(d)
+    return np.array(pred)
+
+
+def _device_space(e: np.ndarray, distance: str) -> np.ndarray:
+    return l2_normalize(e) if distance == "cosine" else e
+
+
+def _summarise(rows: list[dict], truth_k: int) -> dict:
+    out = {}
+    for key in ("acc", "ari", "nmi", "clusters_found"):
+        vals = [r[key] for r in rows]
+        m, ci = mean_ci95(vals)
+        out[key] = m
+        out[key + "_ci95"] = ci
+    found = np.array([r["clusters_found"] for r in rows])
+    out["streams_within_25pct"] = float(np.mean(np.abs(found - truth_k) <= 0.25 * truth_k))
+    if "us_per_sample" in rows[0]:
+        out["us_per_sample"] = float(np.median([r["us_per_sample"] for r in rows]))
+    return out
+
+
+def quality_omniglot(bundle, emb: np.ndarray, labels: np.ndarray, streams: int, with_dbstream: bool) -> dict:
+    x_all = _device_space(emb, bundle.distance).astype(np.float32)
+    rng = np.random.default_rng(0)
+    classes = np.unique(labels)
+    tau = StreamClusterer.from_bundle(bundle).threshold
+    radius = math.sqrt(tau) if bundle.distance == "cosine" else math.sqrt(tau)
+    methods = ["protoedge", "protoedge_resolved", "protoedge_no_merge_no_refine", "kmeans_true_k",
+               "minibatch_kmeans_true_k"] + (["dbstream"] if with_dbstream else [])
+    rows = {m: [] for m in methods}
+    fewshot = {"one_shot_prototypes": [], "protoedge_closed_world": [], "protoedge_open_world": [],
+               "soft_kmeans_transductive": []}
+    for s in tqdm(range(streams), desc="omniglot streams", leave=False):
+        chosen = rng.choice(classes, 20, replace=False)
+        idx = rng.permutation(np.flatnonzero(np.isin(labels, chosen)))
+        x, y = emb[idx], labels[idx]
+        xd = x_all[idx]
+        raw, resolved, c, dt = _stream_ours(x, bundle)
+        rows["protoedge"].append(dict(clustering_scores(y, raw), clusters_found=c.n_clusters, us_per_sample=1e6 * dt))
+        rows["protoedge_resolved"].append(dict(clustering_scores(y, resolved), clusters_found=c.n_clusters))
+        raw2, _, c2, _ = _stream_ours(x, bundle, merge_threshold=0.0, refine_every=0)
+        rows["protoedge_no_merge_no_refine"].append(dict(clustering_scores(y, raw2), clusters_found=c2.n_clusters))
+        rows["kmeans_true_k"].append(clustering_scores(y, _kmeans(xd, 20, s)))
+        t = time.perf_counter()
+        mb = _minibatch(xd, 20, s, chunk=20)
+        rows["minibatch_kmeans_true_k"].append(dict(clustering_scores(y, mb), us_per_sample=1e6 * (time.perf_counter() - t) / len(y)))
+        if with_dbstream:
+            t = time.perf_counter()
+            db = _dbstream(xd, radius)
+            rows["dbstream"].append(dict(clustering_scores(y, db), us_per_sample=1e6 * (time.perf_counter() - t) / len(y)))
+        # (c) one labelled drawing per class, then the other 19 x 20 unlabelled
+        first = np.array([np.flatnonzero(y == k)[0] for k in chosen])
+        rest = np.setdiff1d(np.arange(len(y)), first)
+        names = [str(k) for k in chosen]
+        truth = np.array([str(v) for v in y[rest]])
+        protos = xd[first]
+        fewshot["one_shot_prototypes"].append(
+            float(np.mean(np.array(names)[np.argmax(xd[rest] @ protos.T if bundle.distance == "cosine"
+                                                     else -_sqdist(xd[rest], protos), axis=1)] == truth)))
+        for key, params in (("protoedge_closed_world", {"threshold": 1e9}), ("protoedge_open_world", {})):
+            c = StreamClusterer.from_bundle(bundle, **params)
+            c.learn_examples(x[first], names)
+            pred = np.array([str(a.label) for a in c.partial_fit(x[rest])])
+            fewshot[key].append(float(np.mean(pred == truth)))
+        refined = soft_kmeans_refine(protos.astype(np.float64), protos[:, None].astype(np.float64),
+                                     xd[rest].astype(np.float64), steps=1,
+                                     temperature=1.0 / float(bundle.output_spec.get("temperature") or 1.0))
+        fewshot["soft_kmeans_transductive"].append(
+            float(np.mean(np.array(names)[np.argmin(_sqdist(xd[rest], refined), axis=1)] == truth)))
+    out = {"streams": streams, "threshold": tau, "dbstream_radius": radius,
+           "methods": {m: _summarise(r, 20) for m, r in rows.items()}}
+    out["fewshot"] = {k: dict(zip(("acc", "acc_ci95"), mean_ci95(np.array(v) * 100))) for k, v in fewshot.items()}
+    return out
+
+
+def _sqdist(a, b):
+    return np.maximum((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None], 0)
+
+
+def quality_mnist(bundle, with_dbstream: bool) -> dict:
+    test = load_split("mnist", "test")
+    enc = open_encoder(bundle, backend="cpu")
+    emb = enc.embed(test.images)
+    idx = np.random.default_rng(0).permutation(len(emb))
+    x, y = emb[idx], test.labels[idx]
+    xd = _device_space(x, bundle.distance).astype(np.float32)
+    raw, resolved, c, dt = _stream_ours(x, bundle)
+    methods = {"protoedge": dict(clustering_scores(y, raw), clusters_found=c.n_clusters, us_per_sample=1e6 * dt),
+               "protoedge_resolved": dict(clustering_scores(y, resolved), clusters_found=c.n_clusters),
+               "kmeans_true_k": clustering_scores(y, _kmeans(xd, 10, 0)),
+               "minibatch_kmeans_true_k": clustering_scores(y, _minibatch(xd, 10, 0, chunk=64))}
+    if with_dbstream:
+        t = time.perf_counter()
+        db = _dbstream(xd, math.sqrt(c.threshold))
+        methods["dbstream"] = dict(clustering_scores(y, db), us_per_sample=1e6 * (time.perf_counter() - t) / len(y))
+    return {"bundle": str(bundle.source), "threshold": c.threshold, "methods": methods}
+
+
+# ----------------------------------------------------------------------------- report
+
+def _bars(res: dict) -> list[dict]:
+    bars = []
+    sp = res["speed"]["batches"]["64"]
+    r = sp["runtime"]["ratio_vs_bare"]
+    bars.append({"bar": "runtime throughput at batch 64 >= 0.9x bare onnxruntime", "measured": f"{r:.2f}x",
+                 "met": r >= 0.9})
+    au = res["assign_update"]["1000"]["assign_update_us_in_batch"]
+    bars.append({"bar": "assign+update <= 50 us/sample at 1,000 clusters", "measured": f"{au:.1f} us", "met": au <= 50})
+    qa = res.get("quality_a")
+    if qa:
+        p = qa["methods"]["protoedge"]
+        bars.append({"bar": "(a) mean Hungarian ACC >= 85%", "measured": f"{100 * p['acc']:.1f}%", "met": p["acc"] >= 0.85})
+        bars.append({"bar": "(a) mean ARI >= 0.80", "measured": f"{p['ari']:.3f}", "met": p["ari"] >= 0.80})
+        bars.append({"bar": "(a) clusters found within +-25% of 20", "measured": f"{p['clusters_found']:.1f} "
+                     f"(streams within: {100 * p['streams_within_25pct']:.0f}%)",
+                     "met": abs(p["clusters_found"] - 20) <= 5})
+        fs = qa["fewshot"]
+        gain = fs["protoedge_closed_world"]["acc"] - fs["one_shot_prototypes"]["acc"]
+        bars.append({"bar": "(c) accuracy >= plain 1-shot prototypes + 2 points", "measured": f"{gain:+.1f} points "
+                     f"({fs['protoedge_closed_world']['acc']:.1f}% vs {fs['one_shot_prototypes']['acc']:.1f}%)",
+                     "met": gain >= 2.0})
+    qb = res.get("quality_b")
+    if qb and "methods" in qb:
+        acc = qb["methods"]["protoedge"]["acc"]
+        bars.append({"bar": "(b) MNIST stream ACC >= 90%", "measured": f"{100 * acc:.1f}%", "met": acc >= 0.9})
+    else:
+        bars.append({"bar": "(b) MNIST stream ACC >= 90%", "measured": (qb or {}).get("skipped", "not run"),
+                     "met": False})
+    return bars
+
+
+def _fmt_quality_table(methods: dict) -> list[str]:
+    lines = ["| method | ACC % | ARI | NMI | clusters found | us/sample |", "|---|---|---|---|---|---|"]
+    for m, s in methods.items():
+        ci = f" ± {100 * s['acc_ci95']:.1f}" if "acc_ci95" in s else ""
+        us = f"{s['us_per_sample']:.0f}" if "us_per_sample" in s else ""
+        lines.append(f"| {m} | {100 * s['acc']:.1f}{ci} | {s['ari']:.3f} | {s['nmi']:.3f} | "
+                     f"{s['clusters_found']:.1f} | {us} |")
+    return lines
+
+
+def write_markdown(res: dict, path: Path) -> None:
+    L = ["# Runtime benchmark", "", f"Run {res['when']} on {res['machine']}; bundle `{res['bundle']}` "
+         f"(model {res['model']}). Everything below was measured in this one run.", "", "## Done-means bars", "",
+         "| bar | measured | met |", "|---|---|---|"]
+    for b in res["bars"]:
+        L.append(f"| {b['bar']} | {b['measured']} | {'yes' if b['met'] else '**no**'} |")
+    sp = res["speed"]
+    L += ["", "## Speed (CPU, ONNX Runtime %d threads; torch: %s)" % (sp["threads"], sp["torch"]), "",
+          "Runtime = pixels in, assignments out (validation, embedding, assign + update). "
+          "Bare = `InferenceSession.run` on the same ONNX file, default session options. "
+          "Per-call timings interleaved across the three; medians and p99.", "",
+          "| batch | method | images/s | per-sample p50 us | per-sample p99 us | call p50 ms | vs bare |",
+          "|---|---|---|---|---|---|---|"]
+    for b, stats in sp["batches"].items():
+        for m, s in stats.items():
+            L.append(f"| {b} | {m} | {s['images_per_s']:.0f} | {s['per_sample_us_p50']:.0f} | "
+                     f"{s['per_sample_us_p99']:.0f} | {s['call_ms_p50']:.2f} | {s['ratio_vs_bare']:.2f}x |")
+    L += ["", "## Assign + update cost (numpy brute force, d = %d)" % res["dim"], "",
+          "| clusters | in a batch, us/sample | single call p50 us | single call p99 us | predict only us/sample |",
+          "|---|---|---|---|---|"]
+    for k, s in res["assign_update"].items():
+        L.append(f"| {int(k):,} | {s['assign_update_us_in_batch']:.1f} | {s['assign_update_us_single_call_p50']:.1f} "
+                 f"| {s['assign_update_us_single_call_p99']:.1f} | {s['predict_only_us_in_batch']:.1f} |")
+    st = res["startup"]
+    L += ["", "## Start-up and memory (fresh interpreter, median of runs)", "",
+          "| | import s | first result s | RSS MB after 2,000 images | peak RSS MB |", "|---|---|---|---|---|"]
+    for name, s in st.items():
+        if "error" in s:
+            L.append(f"| {name} | {s['error']} | | | |")
+        else:
+            L.append(f"| {name} | {s['import_s']:.3f} | {s['first_result_s']:.3f} | {s['rss_mb']:.0f} | "
+                     f"{s['peak_rss_mb']:.0f} |")
+    if "torch_imported" in st.get("runtime", {}):
+        L.append(f"\ntorch imported by the runtime probe: {st['runtime']['torch_imported']}")
+    qa = res.get("quality_a")
+    if qa:
+        L += ["", f"## (a) Omniglot Protocol-A test: {qa['streams']} streams of 20 characters x 20 drawings", "",
+              f"Prequential, unknown K. Threshold {qa['threshold']:.4g} (bundle calibration rule); "
+              f"DBSTREAM radius {qa['dbstream_radius']:.4g} (same calibration, Euclidean). "
+              "`protoedge` scores the id each sample got on arrival; `protoedge_resolved` maps ids of "
+              "clusters merged later to their survivor. k-means variants are given the true K = 20. "
+              "± is the 95% CI over streams.", ""]
+        L += _fmt_quality_table(qa["methods"])
+        L += ["", "## (c) One labelled drawing per class, then 380 unlabelled (same streams)", "",
+              "| method | accuracy % |", "|---|---|"]
+        for m, s in qa["fewshot"].items():
+            L.append(f"| {m} | {s['acc']:.1f} ± {s['acc_ci95']:.1f} |")
+        L += ["", "`protoedge_closed_world`: known classes only (threshold off), each sample is classified on "
+              "arrival and then refines its class prototype. `protoedge_open_world`: default threshold, a "
+              "sample that opens an unlabelled cluster counts as wrong. `soft_kmeans_transductive`: offline, "
+              "sees all queries at once (Ren et al. 2018, one step), for reference."]
+    qb = res.get("quality_b")
+    L += ["", "## (b) MNIST test stream (10,000 images)", ""]
+    if qb and "methods" in qb:
+        L.append(f"Bundle `{qb['bundle']}`, threshold {qb['threshold']:.4g}.")
+        L.append("")
+        L += _fmt_quality_table(qb["methods"])
+    else:
+        L.append(f"Not run: {(qb or {}).get('skipped', 'no MNIST bundle')}.")
+    if res.get("notes"):
+        L += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
+    path.write_text("\n".join(L) + "\n")
+
+
+def run(bundle=Path("models/omniglot/bundle"), mnist_bundle=Path("models/mnist/bundle"),
+        results=Path("benchmarks/results"), streams: int = 50, repeats: int = 50, quick: bool = False) -> Path:
+    if quick:
+        streams, repeats = min(streams, 5), min(repeats, 10)
+    b = load_bundle(bundle)
+    results = Path(results)
+    results.mkdir(parents=True, exist_ok=True)
+    test = load_split("omniglot-a", "test")
+    try:
+        import river  # noqa: F401
+        with_dbstream = True
+    except ImportError:
+        with_dbstream = False
+    res = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}",
+           "bundle": str(bundle), "model": b.manifest.get("model"), "dim": int(b.output_spec["dim"]),
+           "quick": quick, "notes": []}
+    if not with_dbstream:
+        res["notes"].append("river not installed (pip install 'protoedge[bench]'): DBSTREAM baseline skipped")
+    res["speed"] = bench_speed(b, test.images, repeats)
+    res["assign_update"] = bench_assign_update(int(b.output_spec["dim"]), b.distance, quick)
+    res["startup"] = bench_startup(Path(bundle), runs=1 if quick else 3)
+    emb = open_encoder(b, backend="cpu").embed(test.images)
+    res["quality_a"] = quality_omniglot(b, emb, test.labels, streams, with_dbstream)
+    if Path(mnist_bundle).exists():
+        res["quality_b"] = quality_mnist(load_bundle(mnist_bundle), with_dbstream)
+    else:
+        res["quality_b"] = {"skipped": f"no MNIST bundle at {mnist_bundle}"}
+    res["bars"] = _bars(res)
+    (results / "runtime.json").write_text(json.dumps(res, indent=1, default=float))
+    md = results / "runtime.md"
+    write_markdown(res, md)
+    return md
+
+
+if __name__ == "__main__":
+    print(run(quick="--quick" in sys.argv).read_text())
