@@ -1,14 +1,154 @@
 """`protoedge train`, `protoedge eval`, `protoedge bench fewshot` (torch imported lazily)."""
+import json
+from pathlib import Path
+
 import click
+
+PROTOCOLS = ("omniglot-a", "omniglot-b", "mnist")
+
+
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: want comma-separated integers, e.g. 5,20", param_hint=name) from None
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"{text!r}: want positive integers", param_hint=name)
+    return values
 
 
 def register(main: click.Group, bench: click.Group) -> None:
     @main.command()
-    def train():
+    @click.option("--protocol", type=click.Choice(PROTOCOLS), default="omniglot-a", show_default=True,
+                  help="Which shipped training images to learn from (their labels are dropped).")
+    @click.option("--out", type=click.Path(file_okay=False), required=True,
+                  help="Run folder: checkpoint.safetensors, metrics.jsonl, config.json.")
+    @click.option("--recipe", type=click.Choice(["default", "autoencoder", "cactus", "maml", "supervised"]),
+                  default="default", show_default=True,
+                  help="default: AE + ProtoNet on augmentation + k-means tasks. 'supervised' READS LABELS "
+                       "(the ceiling baseline).")
+    @click.option("--time-budget", default="30m", show_default=True,
+                  help="Wall-clock budget for the whole run, e.g. 30m, 90s, 1h.")
+    @click.option("--steps", type=click.IntRange(min=0), default=0,
+                  help="Fixed number of meta steps instead of filling the budget (exactly reproducible).")
+    @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option("--resume", type=click.Path(dir_okay=False), default=None,
+                  help="Continue from a checkpoint written by `train` (weights, optimizer, RNG, step).")
+    @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+    @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
+                  help="bf16 autocast (CUDA, or CPUs with bf16 units) or plain fp32.")
+    @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                  help="Override a config field (JSON value), e.g. --set aug_way=128.")
+    @click.option("--save-to", type=click.Path(dir_okay=False), default=None,
+                  help="Also write the small encoder-only checkpoint here (what gets committed/exported).")
+    def train(protocol, out, recipe, time_budget, steps, seed, resume, device, precision, threads,
+              overrides, save_to):
         """Meta-learn the encoder without labels (autoencoder, then ProtoNet on pseudo-tasks)."""
-        raise click.ClickException("train: not implemented yet (issue 2)")
+        from .config import parse_duration, recipe_config
+
+        try:
+            budget = parse_duration(time_budget)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--time-budget") from None
+        if budget <= 0:
+            raise click.BadParameter("must be positive", param_hint="--time-budget")
+        extra = {}
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise click.BadParameter(f"{item!r}: want KEY=VALUE", param_hint="--set")
+            try:
+                extra[key] = json.loads(value)
+            except json.JSONDecodeError:
+                extra[key] = value
+        if device == "cuda":
+            import torch
+            if not torch.cuda.is_available():
+                raise click.ClickException("--device cuda: no CUDA device is available (use --device auto)")
+        try:
+            cfg = recipe_config(recipe, protocol, seed=seed, time_budget_s=budget, steps=steps, device=device,
+                                precision=precision, threads=threads, **extra)
+        except (TypeError, ValueError) as e:
+            raise click.ClickException(f"bad configuration: {e}") from None
+        if resume and not Path(resume).is_file():
+            raise click.ClickException(f"--resume {resume}: no such checkpoint file")
+        from .checkpoint import CheckpointError, strip_checkpoint
+        from .train import train as run_training
+
+        try:
+            path = run_training(cfg, out, resume=resume)
+        except CheckpointError as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(f"checkpoint: {path}")
+        if save_to:
+            click.echo(f"encoder-only checkpoint: {strip_checkpoint(path, save_to)}")
 
     @main.command(name="eval")
-    def eval_():
+    @click.argument("checkpoint", type=click.Path(dir_okay=False))
+    @click.option("--protocol", type=click.Choice(PROTOCOLS), default="omniglot-a", show_default=True,
+                  help="Scores on this protocol's held-out (test) images.")
+    @click.option("--ways", default="5,20", show_default=True)
+    @click.option("--shots", default="1,5", show_default=True)
+    @click.option("--episodes", type=click.IntRange(min=1), default=1000, show_default=True)
+    @click.option("--queries", type=click.IntRange(min=1), default=15, show_default=True,
+                  help="Queries per class (CACTUs used 5).")
+    @click.option("--refine", is_flag=True, help="Also report test-time soft k-means refinement (separately).")
+    @click.option("--no-clustering", is_flag=True, help="Skip k-means clustering of the test classes.")
+    @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON.")
+    def eval_(checkpoint, protocol, ways, shots, episodes, queries, refine, no_clustering, seed, json_out):
         """Few-shot accuracy and clustering of novel classes for a checkpoint."""
-        raise click.ClickException("eval: not implemented yet (issue 2)")
+        ways, shots = _int_list(ways, "--ways"), _int_list(shots, "--shots")
+        from .checkpoint import CheckpointError, load_encoder
+        from .evaluate import embed, fewshot_table, kmeans_clustering
+        from protoedge import datasets
+
+        try:
+            encoder, meta = load_encoder(checkpoint)
+        except CheckpointError as e:
+            raise click.ClickException(str(e)) from None
+        distance = meta.get("distance", "sqeuclidean")
+        data = datasets.load_split(protocol, "test")
+        n_classes = len(set(data.labels.tolist()))
+        if max(ways) > n_classes:
+            raise click.ClickException(f"--ways {max(ways)}: {protocol} has only {n_classes} test classes")
+        settings = [(n, k) for n in ways for k in shots]
+        z = embed(encoder, data.images)
+        try:
+            result = {"checkpoint": str(checkpoint), "protocol": protocol, "distance": distance,
+                      "fewshot": fewshot_table(z, data.labels, distance, settings, episodes, queries, seed=seed)}
+            if refine:
+                result["fewshot_refined"] = fewshot_table(z, data.labels, distance, settings, episodes, queries,
+                                                          refine_steps=1, seed=seed)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+        if not no_clustering:
+            result["clustering"] = kmeans_clustering(z, data.labels, distance, seed=seed)
+        for key in ("fewshot", "fewshot_refined"):
+            for name, r in result.get(key, {}).items():
+                tag = " (+soft k-means)" if key == "fewshot_refined" else ""
+                click.echo(f"{name}{tag}: {r['acc']:.2f} +- {r['ci95']:.2f} %")
+        if "clustering" in result:
+            c = result["clustering"]
+            click.echo(f"k-means (k={c['k']}): ACC {100 * c['acc']:.2f} %, NMI {100 * c['nmi']:.2f}, "
+                       f"ARI {100 * c['ari']:.2f}")
+        if json_out:
+            Path(json_out).write_text(json.dumps(result, indent=2))
+
+    @bench.command(name="fewshot")
+    @click.option("--runs", type=click.Path(file_okay=False), default="runs/bench", show_default=True,
+                  help="Where the benchmark's training runs go.")
+    @click.option("--quick", is_flag=True, help="Tiny budgets and 100 episodes: checks the pipeline, not the numbers.")
+    @click.option("--only", multiple=True, help="Only these rows (names as in the table); others are kept from the last JSON.")
+    def bench_fewshot(runs, quick, only):
+        """Few-shot table: baselines, recipes, supervised ceiling, published anchors."""
+        import importlib.util
+
+        script = Path(__file__).resolve().parent.parent / "benchmarks" / "fewshot.py"
+        if not script.is_file():
+            raise click.ClickException(f"{script}: benchmark script not found (run from a source checkout)")
+        spec = importlib.util.spec_from_file_location("protoedge_bench_fewshot", script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.run(runs_dir=runs, quick=quick, only=list(only))

@@ -52,8 +52,8 @@ class TrainConfig:
     maml_shot: int = 1
     maml_query: int = 5
     maml_tasks: int = 8
-    maml_inner_steps: int = 5
-    maml_inner_lr: float = 0.4
+    maml_inner_steps: int = 3
+    maml_inner_lr: float = 0.05
     maml_first_order: bool = False
     # bookkeeping
     log_every: int = 25

@@ -258,7 +258,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
             run.step += 1
             bar.update(1)
             if run.step % cfg.log_every == 0:
-                log({"loss_recon": float(loss)})
+                log({"loss_recon": round(float(loss.detach()), 5)})
                 bar.set_postfix(loss=f"{float(loss):.4f}")
             if time.time() - last_save > cfg.checkpoint_every_s:
                 checkpoint(out / "checkpoint.safetensors")
