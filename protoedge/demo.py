@@ -64,7 +64,9 @@ def obtain_checkpoint(opts: DemoOptions) -> tuple[Path, dict]:
     from .trainer.config import recipe_config
     from .trainer.train import train
 
-    cfg = recipe_config("default", PROTOCOL, time_budget_s=opts.time_budget_s, seed=opts.seed)
+    # No k-means pseudo-tasks: one re-clustering of the 24,000-image pool takes minutes on 2 cores,
+    # more than the whole demo budget. Augmentation tasks + reconstruction learn from the first step.
+    cfg = recipe_config("default", PROTOCOL, time_budget_s=opts.time_budget_s, seed=opts.seed, cluster_way=0)
     train_dir = opts.out / "train"
     shutil.rmtree(train_dir, ignore_errors=True)  # metrics.jsonl is appended to; start clean
     click.echo(f"[1/4] meta-training without labels on {PROTOCOL} for {opts.time_budget_s:.0f} s")
@@ -73,12 +75,35 @@ def obtain_checkpoint(opts: DemoOptions) -> tuple[Path, dict]:
                   "time_budget_s": opts.time_budget_s}
 
 
+def committed_bundle_is_current() -> bool:
+    """The committed bundle was exported from the committed checkpoint (its provenance says so);
+    a stale bundle next to a newer checkpoint would demo the wrong model."""
+    import json
+
+    from .runtime.bundle import sha256_file
+
+    manifest = PRETRAINED_BUNDLE / "manifest.json"
+    if not manifest.is_file():
+        return False
+    if not PRETRAINED_CHECKPOINT.is_file():
+        return True  # a device checkout may ship the bundle alone
+    try:
+        recorded = json.loads(manifest.read_text()).get("provenance", {}).get("checkpoint_sha256")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False  # load_bundle would refuse it anyway; export a fresh one
+    if recorded != sha256_file(PRETRAINED_CHECKPOINT):
+        click.echo(f"note: {PRETRAINED_BUNDLE} was exported from another checkpoint than "
+                   f"{PRETRAINED_CHECKPOINT.name}; exporting the committed checkpoint instead", err=True)
+        return False
+    return True
+
+
 def obtain_bundle(opts: DemoOptions, checkpoint: Path):
     """Export FP32 (reduced precisions are left to `protoedge export`: they cost minutes), or reuse
     the committed bundle with --pretrained; either way load_bundle verifies schema and hashes."""
     from .runtime.bundle import BundleError, load_bundle
 
-    if opts.pretrained and PRETRAINED_BUNDLE.is_dir():
+    if opts.pretrained and committed_bundle_is_current():
         click.echo(f"[2/4] using the committed bundle {PRETRAINED_BUNDLE}")
         return PRETRAINED_BUNDLE
     from .export.pipeline import ExportOptions, export_bundle
@@ -140,12 +165,7 @@ def final_clusters(clusterer, assigned):
     the id they had (they are still a group the device formed)."""
     import numpy as np
 
-    cache = {}
-    for cid in np.unique(assigned).tolist():
-        try:
-            cache[cid] = clusterer.resolve(cid)
-        except (ValueError, KeyError):
-            cache[cid] = cid
+    cache = {cid: clusterer.resolve(cid) for cid in np.unique(assigned).tolist()}
     return np.array([cache[c] for c in assigned.tolist()], np.int64)
 
 
@@ -172,9 +192,14 @@ def run_demo(opts: DemoOptions) -> Path:
     from .streamstats import stream_sections
 
     watch = Stopwatch()
+    stream, class_names, alphabets = unseen_stream(opts)  # first: a bad --alphabets fails before training
     clear_run_files(opts.out)
     t = time.perf_counter()
-    checkpoint, training = obtain_checkpoint(opts)
+    if opts.pretrained and committed_bundle_is_current():  # the committed bundle needs no checkpoint
+        checkpoint, training = None, {"source": "committed", "bundle": str(PRETRAINED_BUNDLE)}
+        click.echo("[1/4] --pretrained: skipping training")
+    else:
+        checkpoint, training = obtain_checkpoint(opts)
     watch.step("train", t)
 
     t = time.perf_counter()
@@ -191,7 +216,6 @@ def run_demo(opts: DemoOptions) -> Path:
     rt = Runtime(bundle, backend=opts.backend, **params)
     watch.step("verify_and_start", t)
 
-    stream, class_names, alphabets = unseen_stream(opts)
     click.echo(f"[4/4] streaming {len(stream)} unlabelled images of {len(class_names)} never-seen "
                f"characters ({', '.join(alphabets)}) in random order")
     t = time.perf_counter()

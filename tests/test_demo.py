@@ -1,0 +1,80 @@
+"""`protoedge demo`: the whole pipeline on real Omniglot data, small enough for the test suite."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from protoedge import datasets, rundir
+from protoedge.cli import main
+from protoedge.demo import DemoOptions, unseen_stream
+from protoedge.metrics import clustering_scores
+from protoedge.report import format_value
+
+TRAINING_ALPHABETS = {n.split("/")[0] for n in datasets.load_split("omniglot-a", "train").class_names}
+
+
+def _check_run_dir(out, output):
+    run = json.loads((out / "run.json").read_text())
+    stream = rundir.read_stream(out)
+    s = run["summary"]
+    # the printed summary is run.json's numbers, formatted once
+    for key in ("acc", "ari", "nmi", "clusters_found", "clusters_true"):
+        assert format_value(s[key]) in output, key
+    assert f"p50 {format_value(run['latency_ms']['p50'])} ms" in output
+    assert f"report: {out / 'report.html'}" in output
+    # run.json agrees with the arrays it summarises
+    scores = clustering_scores(stream["labels"], stream["cluster"])
+    assert s["acc"] == pytest.approx(scores["acc"]) and s["ari"] == pytest.approx(scores["ari"])
+    assert s["images"] == len(stream["images"]) == len(stream["latency_ms"]) == len(stream["embedding"])
+    assert np.all(stream["latency_ms"] > 0)
+    # only never-seen alphabets were streamed, unlabelled order shuffled
+    streamed = {n.split("/")[0] for n in run["class_names"]}
+    assert streamed == set(run["settings"]["alphabets"]) and not streamed & TRAINING_ALPHABETS
+    assert not np.all(np.diff(stream["labels"]) >= 0)
+    for name in ("montage", "projection", "contingency", "latency"):
+        assert (out / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    return run
+
+
+@pytest.mark.slow
+def test_demo_pretrained_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["demo", "--pretrained", "--alphabets", "1", "--seed", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    run = _check_run_dir(out, result.output)
+    assert run["settings"]["pretrained"] is True and run["training"]["source"] == "committed"
+
+
+@pytest.mark.slow
+def test_demo_trains_exports_and_reports_curves(tmp_path):
+    """The README's default path (training), with a tiny budget: the wiring, not the accuracy."""
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["demo", "--time-budget", "12s", "--alphabets", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    run = _check_run_dir(out, result.output)
+    assert run["training"]["source"] == "trained"
+    assert (out / "bundle" / "manifest.json").is_file()
+    assert (out / "metrics.jsonl").stat().st_size > 0 and (out / "figures" / "curves.png").is_file()
+
+
+def test_stream_is_deterministic_per_seed_and_unseen():
+    a, names_a, alph_a = unseen_stream(DemoOptions(out=None, alphabets=2, seed=5))
+    b, _, alph_b = unseen_stream(DemoOptions(out=None, alphabets=2, seed=5))
+    c, _, alph_c = unseen_stream(DemoOptions(out=None, alphabets=2, seed=6))
+    assert alph_a == alph_b and np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+    assert (alph_c != alph_a) or not np.array_equal(a.labels, c.labels)
+    assert set(np.unique(a.labels)) == set(range(len(names_a)))
+    assert len(a) == 20 * len(names_a)  # every drawing of every chosen character, once
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--alphabets", "13"], "only 12 never-seen alphabets"),
+    (["--time-budget", "soon"], "cannot read duration"),
+    (["--batch", "0"], "--batch"),
+    (["--threshold", "-1"], "--threshold"),
+])
+def test_bad_demo_options_are_clear_errors(tmp_path, args, message):
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), *args])
+    assert result.exit_code != 0
+    assert message in result.output
