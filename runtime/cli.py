@@ -12,6 +12,8 @@ def register(main: click.Group, bench: click.Group) -> None:
     register_cluster(main)
     register_bench_runtime(bench)
     register_serve(main, bench)
+    from . import fleet_cli  # `protoedge state export|import|merge|show` (fleets)
+    fleet_cli.register(main, bench)
 
 
 def register_serve(main: click.Group, bench: click.Group) -> None:
