@@ -66,7 +66,13 @@ def serve(bundle, host, port, socket_path, state_dir, backend, precision, thread
     sent after the engine is built and warmed up.
     """
     import logging
+    import os
 
+    # The clusterer's matrix products are tiny (clusters x 64): BLAS worker threads only add
+    # hand-offs and spinning next to the inference threads. Set before numpy loads; an explicit
+    # environment setting wins.
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
     from .server import ServerConfig, run_server
 
     logging.getLogger("protoedge").setLevel(min(logging.getLogger().level, logging.INFO))

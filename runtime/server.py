@@ -27,6 +27,7 @@ import numpy as np
 from aiohttp import web
 
 from .server_batcher import MicroBatcher
+from .server_durability import GroupCommit
 from .server_codec import parse_image
 from .server_metrics import DaemonMetrics
 from .server_notify import notify, watchdog_interval
@@ -144,6 +145,8 @@ class Daemon:
         self.draining = False
         self.exit_code = 0
         self.batcher: MicroBatcher | None = None
+        self.committer: GroupCommit | None = None
+        self._runner = None
         # One thread owns the model state; a second decodes PNG/JPEG off the event loop.
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="protoedge-worker")
         self.decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="protoedge-decode")
@@ -163,13 +166,20 @@ class Daemon:
         return await asyncio.get_running_loop().run_in_executor(self.worker, fn, self.state)
 
     async def call_mutation(self, fn):
+        """fn(state) on the worker thread; answers (result, seq) once the update is durable."""
         def run(state):
             try:
                 return fn(state), state.seq
             except PersistError:
                 self.fail("the update log cannot be written")
                 raise
-        return await self.call(run)
+        result, seq = await self.call(run)
+        await self._durable(seq)
+        return result, seq
+
+    async def _durable(self, seq: int) -> None:
+        if self.committer is not None:
+            await self.committer.durable(seq)
 
     async def in_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.decoder, fn, *args)
@@ -179,11 +189,24 @@ class Daemon:
         return await self.in_thread(parse_image, body, s["channels"], s["height"], s["width"])
 
     def _process(self, jobs):
+        """Worker thread: one micro-batch -> (results, last log sequence written)."""
         try:
-            return self.state.run_batch(jobs, self.config.max_batch)
+            return self.state.run_batch(jobs, self.config.max_batch), self.state.seq
         except PersistError as e:
             self.fail("the update log cannot be written")
-            return [e] * len(jobs)
+            return [e] * len(jobs), 0
+
+    async def _settle(self, processed):
+        """Loop: hold the answers of a batch until its log records are on disk."""
+        if not isinstance(processed, tuple):  # the batch failed as a whole
+            return processed
+        results, seq = processed
+        await self._durable(seq)
+        return results
+
+    def _peers(self) -> int:
+        server = self._runner.server if self._runner is not None else None
+        return len(server.connections) if server is not None else 1
 
     def _on_batch(self, n_images: int, seconds: float) -> None:
         self.metrics.batch_size.observe(n_images)
@@ -241,6 +264,7 @@ class Daemon:
 
         runner = web.AppRunner(build_app(self), access_log=None, shutdown_timeout=self.config.shutdown_timeout_s)
         await runner.setup()
+        self._runner = runner
         try:
             where = await self._listen(runner)
         except (ConfigError, OSError) as e:
@@ -259,8 +283,13 @@ class Daemon:
             self._unlink_socket()
             return 1
         self.metrics.engine_build.set(built)
+        if self.state.log is not None and self.config.fsync == "always":
+            self.state.defer_sync = True
+            self.committer = GroupCommit(self.state.log, self._loop,
+                                         on_failure=lambda: self.fail("the update log cannot be fsynced"))
         self.batcher = MicroBatcher(self._process, self.worker, self.config.max_batch, self.config.max_wait_ms,
-                                    self.config.max_queue, on_batch=self._on_batch)
+                                    self.config.max_queue, on_batch=self._on_batch, settle=self._settle,
+                                    peers=self._peers)
         self.batcher.start()
         self.ready = True
         self.metrics.ready.set(1)
@@ -299,6 +328,8 @@ class Daemon:
             t.cancel()
         await runner.cleanup()          # stops listening, waits for handlers still running
         await self.batcher.drain_and_stop()
+        if self.committer is not None:
+            self.committer.stop()
         if self.exit_code == 0 and self.state.log is not None:
             info = await self.call(lambda s: s.snapshot())
             log.info("final snapshot at sequence %d: %s", info["seq"], info["path"])

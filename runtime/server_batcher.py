@@ -22,13 +22,19 @@ class Overloaded(Exception):
 
 class MicroBatcher:
     def __init__(self, process, executor, max_batch: int = 64, max_wait_ms: float = 2.0, max_queue: int = 256,
-                 on_batch=None):
-        """process(jobs) -> results runs on executor (one thread: it owns the model state)."""
+                 on_batch=None, settle=None, peers=None):
+        """process(jobs) -> results runs on executor (one thread: it owns the model state).
+        settle(results) -> results, a coroutine, runs before the answers go out (e.g. wait for the
+        fsync) without holding up the next batch. peers() -> how many clients are connected: the
+        batch waits (at most max_wait) for more requests only while fewer than that are in it."""
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and max_queue must be >= 1, max_wait_ms >= 0")
         self.process, self.executor = process, executor
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
         self.on_batch = on_batch
+        self.settle = settle
+        self.peers = peers or (lambda: 1)
+        self._delivering: set[asyncio.Task] = set()
         self.arriving = 0  # requests whose body is being read; they will submit soon
         self.busy = False
         self._items: collections.deque = collections.deque()
@@ -71,6 +77,8 @@ class MicroBatcher:
         self._wake.set()
         if self._task is not None:
             await self._task
+        while self._delivering:
+            await asyncio.gather(*self._delivering, return_exceptions=True)
 
     async def _next_batch(self) -> list:
         loop = asyncio.get_running_loop()
@@ -86,7 +94,9 @@ class MicroBatcher:
                 n += job.n
                 continue
             remaining = deadline - loop.time()
-            if self.arriving == 0 or remaining <= 0 or self._stopping:
+            # Wait only if more requests can come: bodies being read, or connected clients that
+            # have nothing in this batch yet. A lone client never waits.
+            if remaining <= 0 or self._stopping or (self.arriving == 0 and len(batch) >= self.peers()):
                 break
             self._wake.clear()
             try:
@@ -116,6 +126,22 @@ class MicroBatcher:
                 self.busy = False
             if self.on_batch is not None:
                 self.on_batch(sum(j.n for j in batch), time.perf_counter() - t0)
-            for job, res in zip(batch, results):
-                if not job.future.done():
-                    job.future.set_result(res)
+            if self.settle is None:
+                self._answer(batch, results)
+            else:
+                task = loop.create_task(self._settle_and_answer(batch, results))
+                self._delivering.add(task)
+                task.add_done_callback(self._delivering.discard)
+
+    async def _settle_and_answer(self, batch, results) -> None:
+        try:
+            results = await self.settle(results)
+        except Exception as e:
+            results = [e] * len(batch)
+        self._answer(batch, results)
+
+    @staticmethod
+    def _answer(batch, results) -> None:
+        for job, res in zip(batch, results):
+            if not job.future.done():
+                job.future.set_result(res)

@@ -7,6 +7,7 @@ decoded (decompression bombs), and every failure is an InputError that becomes a
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 
@@ -28,22 +29,18 @@ class UnsupportedMediaType(InputError):
 def parse_npy(body: bytes, max_images: int) -> np.ndarray:
     """A uint8 array from .npy bytes (format 1.0/2.0/3.0), without pickle and without copying
     more than the array itself."""
-    buf = io.BytesIO(body)
-    try:
-        major, minor = np.lib.format.read_magic(buf)
-    except ValueError as e:
-        raise InputError(f"not an .npy body ({e})") from None
-    try:
-        if (major, minor) == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf, max_header_size=MAX_NPY_HEADER)
-        elif (major, minor) in ((2, 0), (3, 0)):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf, max_header_size=MAX_NPY_HEADER)
-        else:
-            raise InputError(f"unsupported .npy format version {major}.{minor}")
-    except InputError:
-        raise
-    except Exception as e:  # numpy's header parser can raise tokenize/syntax/value errors alike
-        raise InputError(f"malformed .npy header ({type(e).__name__}: {e})") from None
+    if len(body) < 10 or body[:6] != b"\x93NUMPY":
+        raise InputError("not an .npy body (no \\x93NUMPY magic)")
+    major = body[6]
+    if major == 1:
+        offset = 10 + int.from_bytes(body[8:10], "little")
+    elif major in (2, 3):
+        offset = 12 + int.from_bytes(body[8:12], "little")
+    else:
+        raise InputError(f"unsupported .npy format version {major}.{body[7]}")
+    if offset > min(len(body), MAX_NPY_HEADER + 12):
+        raise InputError("malformed .npy header (longer than the body or the limit)")
+    shape, fortran, dtype = _npy_header(bytes(body[:offset]))
     if dtype.hasobject:
         raise InputError("object arrays are refused (no pickle)")
     if dtype != np.uint8:
@@ -55,11 +52,28 @@ def parse_npy(body: bytes, max_images: int) -> np.ndarray:
     count = 1
     for s in shape:
         count *= int(s)
-    offset = buf.tell()
     if len(body) - offset != count:
         raise InputError(f"the .npy header promises {count} bytes of pixels, the body has {len(body) - offset}")
     arr = np.frombuffer(body, dtype=np.uint8, count=count, offset=offset)
     return arr.reshape(shape, order="F" if fortran else "C")
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(header: bytes):
+    """numpy's own header parser (literal_eval, no pickle), cached: a client sends the same few
+    headers over and over, and parsing one costs more than the rest of a small request."""
+    buf = io.BytesIO(header)
+    try:
+        version = np.lib.format.read_magic(buf)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(buf, max_header_size=MAX_NPY_HEADER)
+        if version in ((2, 0), (3, 0)):
+            return np.lib.format.read_array_header_2_0(buf, max_header_size=MAX_NPY_HEADER)
+        raise InputError(f"unsupported .npy format version {version[0]}.{version[1]}")
+    except InputError:
+        raise
+    except Exception as e:  # numpy's header parser can raise tokenize/syntax/value errors alike
+        raise InputError(f"malformed .npy header ({type(e).__name__}: {e})") from None
 
 
 def parse_image(body: bytes, channels: int, height: int, width: int) -> np.ndarray:

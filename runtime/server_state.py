@@ -103,6 +103,7 @@ class DaemonState:
         self.snapshot_seq = 0
         self.replayed = 0
         self._thumb_key = None
+        self.defer_sync = False
 
     # ------------------------------------------------------------------ start
 
@@ -168,7 +169,9 @@ class DaemonState:
         return result
 
     def commit(self) -> None:
-        if self.log is not None:
+        """Durability point of a batch. With defer_sync the caller waits for the fsync itself
+        (the daemon's group commit), so this thread can go on with the next batch."""
+        if self.log is not None and not (self.defer_sync and self.log.policy == "always"):
             try:
                 self.log.commit()
             except OSError as e:
@@ -183,16 +186,37 @@ class DaemonState:
             emb = embed(pixels)
         else:
             emb = np.concatenate([embed(pixels[i:i + max_batch]) for i in range(0, len(pixels), max_batch)])
-        results, start = [], 0
+        parts, start = [], 0
         for job in jobs:
-            x = emb[start:start + job.n]
+            parts.append(emb[start:start + job.n])
             start += job.n
-            try:
-                results.append(self._run_job(job, x))
-            except InputError as e:
-                results.append(e)
+        results: list = [None] * len(jobs)
+        # Concurrent requests have no order among themselves, so the batch's stream updates go
+        # first, as one clusterer call and one log record (cheaper than one per request).
+        fits = [i for i, j in enumerate(jobs) if j.op == "cluster"]
+        if len(fits) > 1:
+            self._fit_together(jobs, parts, fits, results)
+        for i, job in enumerate(jobs):
+            if results[i] is None:
+                try:
+                    results[i] = self._run_job(job, parts[i])
+                except InputError as e:
+                    results[i] = e
         self.commit()
         return results
+
+    def _fit_together(self, jobs, parts, fits, results) -> None:
+        try:
+            assignments = self._mutate("fit", {}, [np.concatenate([parts[i] for i in fits])])
+        except InputError:
+            return  # one request's embeddings are unusable: each is then tried on its own
+        seq, pos = self.seq, 0
+        for i in fits:
+            mine = assignments[pos:pos + jobs[i].n]
+            pos += jobs[i].n
+            self.thumbs.add(jobs[i].pixels, [a.cluster_id for a in mine])
+            results[i] = (mine, seq)
+        self._sync_thumbs()
 
     def _run_job(self, job: Job, x: np.ndarray):
         if job.op == "embed":

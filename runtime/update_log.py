@@ -156,7 +156,7 @@ class UpdateLog:
         self.last_seq = 0
         self._fd: int | None = None
         self._segment: Path | None = None
-        self._dirty = False
+        self.synced_seq = 0  # everything up to here is on disk
         self._lock = threading.Lock()
         self._last_sync = time.monotonic()
         self.fsyncs = 0
@@ -191,6 +191,10 @@ class UpdateLog:
                     f.flush()
                     os.fsync(f.fileno())
                 cut_rest = True
+            else:
+                # Survived a process crash in the page cache; make it survive a power cut too.
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
             out.extend(records)
             if records:
                 expect = records[-1].seq + 1
@@ -201,6 +205,7 @@ class UpdateLog:
             raise LogError(f"the update log starts at sequence {fresh[0].seq} but the snapshot ends at "
                            f"{after_seq}: records are missing, refusing to build a state with a hole")
         self.last_seq = max(after_seq, out[-1].seq if out else 0)
+        self.synced_seq = self.last_seq  # what survived a crash is on disk by definition
         return fresh
 
     # -- writing ------------------------------------------------------------------------------
@@ -216,7 +221,7 @@ class UpdateLog:
         _fsync_dir(self.dir)
 
     def append(self, op: str, args: dict | None = None, arrays: list[np.ndarray] | None = None) -> int:
-        """Write one record; durable on return when policy is 'always' (unless sync=False)."""
+        """Write one record (to the OS, not yet to the disk: see commit/sync). Returns its sequence."""
         if self._fd is None:
             self.open_segment()
         seq = self.last_seq + 1
@@ -227,25 +232,34 @@ class UpdateLog:
                 n = os.write(self._fd, view)
                 view = view[n:]
             self.last_seq = seq
-            self._dirty = True
             self.bytes_written += len(buf)
         return seq
 
     def commit(self) -> None:
-        """Make what was appended durable according to the policy. Group commit: call once per
-        batch of appends, before answering any of them."""
-        if self.policy == "always":
-            self.sync()
-        elif time.monotonic() - self._last_sync >= self.interval_s:
+        """Make what was appended durable according to the policy, on this thread. Group commit:
+        call once per batch of appends, before answering any of them."""
+        if self.policy == "always" or time.monotonic() - self._last_sync >= self.interval_s:
             self.sync()
 
-    def sync(self) -> None:
+    def sync(self) -> int:
+        """fsync what was written so far; returns the sequence now on disk. Safe from any thread,
+        also while another thread appends: the fsync runs on a duplicate of the descriptor, outside
+        the lock, so appends do not wait for the disk."""
         with self._lock:
-            if self._fd is not None and self._dirty:
-                os.fsync(self._fd)
-                self.fsyncs += 1
-                self._dirty = False
+            target = self.last_seq
+            if self._fd is None or target <= self.synced_seq:
+                self._last_sync = time.monotonic()
+                return self.synced_seq
+            fd = os.dup(self._fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with self._lock:
+            self.synced_seq = max(self.synced_seq, target)
+            self.fsyncs += 1
             self._last_sync = time.monotonic()
+            return self.synced_seq
 
     def drop_before(self, seq: int) -> None:
         """Delete the segments whose records all have sequence <= seq (a snapshot holds them)."""
@@ -261,8 +275,9 @@ class UpdateLog:
     def close(self) -> None:
         if self._fd is not None:
             self.sync()
-            os.close(self._fd)
-            self._fd = None
+            with self._lock:
+                fd, self._fd = self._fd, None
+            os.close(fd)
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for _, p in _segments(self.dir))
