@@ -1,7 +1,12 @@
-"""`protoedge demo` and `protoedge report`: the whole pipeline end to end, and its pictures."""
+"""`protoedge demo` and `protoedge report`: the whole pipeline end to end, and its pictures.
+Also the reports at the end of `train` (report_after_training) and of every `bench` command."""
+import time
 from pathlib import Path
 
 import click
+
+_CLI_START = time.time()  # a bench result written after this is the one this process made
+BENCH_RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
 def report_or_explain(run_dir) -> Path | None:
@@ -25,10 +30,52 @@ def report_or_explain(run_dir) -> Path | None:
     return path
 
 
+def report_after_training(out_dir) -> Path | None:
+    """`protoedge train` calls this at its end: run.json from the checkpoint, then the report."""
+    from .rundir import RunDirError
+    from .run_summaries import training_run
+
+    try:
+        training_run(out_dir)
+    except RunDirError as e:
+        click.echo(f"report: skipped ({e})", err=True)
+        return None
+    return report_or_explain(out_dir)
+
+
+def report_after_bench(results_dir: Path | None = None, since: float | None = None) -> list[Path]:
+    """A report per result JSON the bench just wrote: results_dir/reports/NAME/report.html.
+    A report that cannot be made is a warning: the benchmark itself succeeded."""
+    from .rundir import RunDirError
+    from .run_summaries import bench_run
+
+    results_dir = BENCH_RESULTS if results_dir is None else results_dir
+    since = _CLI_START if since is None else since
+    pages = []
+    for result in sorted(results_dir.glob("*.json")):
+        if result.stat().st_mtime < since:
+            continue
+        run_dir = results_dir / "reports" / result.stem
+        try:
+            bench_run(result, run_dir)
+            page = report_or_explain(run_dir)
+        except (RunDirError, click.ClickException) as e:
+            click.echo(f"report for {result.name}: skipped ({e})", err=True)
+            continue
+        if page:
+            pages.append(page)
+    return pages
+
+
 def register(main: click.Group, bench: click.Group) -> None:
     from .demo import demo_command
 
     main.add_command(demo_command, name="demo")
+
+    @bench.result_callback()
+    def _report_bench(*_args, **_kwargs):
+        # click calls this after any `protoedge bench NAME` succeeded: one hook for every benchmark.
+        report_after_bench()
 
     @main.command()
     @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def format_value(value) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)  # "nan", "inf": JSON written by Python may hold them
         if value == int(value) and abs(value) < 1e15:
             return str(int(value)) if abs(value) >= 1000 else f"{value:.4g}"
         return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
@@ -140,33 +143,41 @@ def _name_cell(name: str) -> str:
     return f'<th class="k" data-name="{html.escape(str(name), quote=True)}">{html.escape(shown)}</th>'
 
 
-def _flatten(obj: dict, prefix: list) -> list[tuple[list, object]]:
-    items = []
+def _flatten(obj: dict, prefix: list) -> tuple[list[tuple[list, object]], list[tuple[list, list]]]:
+    """Scalars (and lists of scalars) by path, and the lists of objects found on the way (tables)."""
+    items, tables = [], []
     for k, v in obj.items():
         if isinstance(v, dict):
-            items += _flatten(v, prefix + [k])
-        elif isinstance(v, list) and v and isinstance(v[0], dict):
-            continue  # nested tables are not readable inline; they stay in run.json
+            sub_items, sub_tables = _flatten(v, prefix + [k])
+            items += sub_items
+            tables += sub_tables
+        elif isinstance(v, list) and v and all(isinstance(e, dict) for e in v):
+            tables.append((prefix + [k], v))
         else:
             items.append((prefix + [k], v))
-    return items
+    return items, tables
 
 
 def _dict_table(name: str, section: dict) -> str:
-    rows = []
-    for path, value in _flatten(section, [name]):
-        rows.append(f"<tr>{_name_cell('.'.join(map(str, path[1:])))}{_value_cell(path, value)}</tr>")
-    return "<table>" + "".join(rows) + "</table>"
+    items, tables = _flatten(section, [name])
+    rows = [f"<tr>{_name_cell('.'.join(map(str, path[1:])))}{_value_cell(path, value)}</tr>"
+            for path, value in items]
+    html_out = "<table>" + "".join(rows) + "</table>" if rows else ""
+    for path, entries in tables:
+        name = '.'.join(map(str, path[1:]))
+        html_out += (f'<h3 data-name="{html.escape(name, quote=True)}">{html.escape(name)}</h3>'
+                     + _list_table(path, entries))
+    return html_out
 
 
-def _list_table(name: str, entries: list[dict]) -> str:
+def _list_table(path: list, entries: list[dict]) -> str:
     columns = []
     for e in entries:
         columns += [k for k, v in e.items() if k not in columns and not isinstance(v, (dict, list))]
     head = "<tr>" + "".join(_name_cell(c) for c in columns) + "</tr>"
     body = []
     for i, e in enumerate(entries[:MAX_TABLE_ROWS]):
-        body.append("<tr>" + "".join(_value_cell([name, i, c], e.get(c)) if c in e else "<td></td>"
+        body.append("<tr>" + "".join(_value_cell([*path, i, c], e.get(c)) if c in e else "<td></td>"
                                      for c in columns) + "</tr>")
     more = ('<p class="note">The rest are in run.json.</p>' if len(entries) > MAX_TABLE_ROWS else "")
     return "<table>" + head + "".join(body) + "</table>" + more
@@ -186,7 +197,7 @@ def _sections_html(run: dict, head: bool) -> str:
         if isinstance(v, dict) and v:
             table = _dict_table(k, v)
         elif isinstance(v, list) and v and all(isinstance(e, dict) for e in v):
-            table = _list_table(k, v)
+            table = _list_table([k], v)
         elif isinstance(v, list):
             table = f"<table><tr>{_name_cell(k)}{_value_cell([k], v)}</tr></table>"
         else:

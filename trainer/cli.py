@@ -83,6 +83,9 @@ def register(main: click.Group, bench: click.Group) -> None:
         click.echo(f"checkpoint: {path}")
         if save_to:
             click.echo(f"encoder-only checkpoint: {strip_checkpoint(path, save_to)}")
+        from protoedge.app_cli import report_after_training  # issue 6: curves + numbers as HTML
+
+        report_after_training(out)
 
     @main.command(name="eval")
     @click.argument("checkpoint", type=click.Path(dir_okay=False))
