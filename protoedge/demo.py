@@ -68,7 +68,7 @@ def obtain_checkpoint(opts: DemoOptions) -> tuple[Path, dict]:
     # more than the whole demo budget. Augmentation tasks + reconstruction learn from the first step.
     # Fewer, shorter held-out checks (each costs seconds) still draw the accuracy curve.
     cfg = recipe_config("default", PROTOCOL, time_budget_s=opts.time_budget_s, seed=opts.seed, cluster_way=0,
-                        val_every=0.25, val_episodes=100)
+                        val_every=0.25, val_episodes=100, log_every=5)
     train_dir = opts.out / "train"
     shutil.rmtree(train_dir, ignore_errors=True)  # metrics.jsonl is appended to; start clean
     click.echo(f"[1/4] meta-training without labels on {PROTOCOL} for {opts.time_budget_s:.0f} s")

@@ -71,17 +71,19 @@ def training_curves(records: list[dict], path: Path) -> Path:
             pts = [(x, r[k]) for x, r in zip(xs, records) if isinstance(r.get(k), (int, float))]
             if pts:
                 px, py = zip(*pts)
+                if ylabel == "accuracy" and max(py) <= 1.0:  # fractions next to percentages
+                    py = [100 * v for v in py]
                 # Held-out evaluations are sparse: show their points, not just a line.
                 ax.plot(px, py, marker="o" if len(pts) < 50 else None, ms=3, lw=1.2, label=k)
         ax.set_xlabel(_X_LABELS.get(xname, xname))
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel("accuracy (%)" if ylabel == "accuracy" else ylabel)
         ax.grid(alpha=0.3)
         if keys:
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, f"no {ylabel} recorded", ha="center", va="center", transform=ax.transAxes)
     axes[0, 0].set_title("training losses")
-    axes[0, 1].set_title("accuracy (held-out few-shot, when recorded)")
+    axes[0, 1].set_title("accuracy (val_*: held-out few-shot)")
     fig.tight_layout()
     return _save(fig, path)
 
