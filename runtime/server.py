@@ -272,11 +272,15 @@ class Daemon:
             await runner.cleanup()
             return 2
         notify("STATUS=building the encoder engine")
+        watchdog = watchdog_interval()
+        tasks = [self._loop.create_task(self._watchdog(watchdog))] if watchdog else []
         log.info("listening on %s; building the engine (backend %s)", ", ".join(where), self.config.backend)
         t0 = time.perf_counter()
         try:
             built = await self._loop.run_in_executor(self.worker, self._build)
         except Exception as e:
+            for t in tasks:
+                t.cancel()
             log.error("could not start: %s", e)
             print(f"protoedge serve: could not start: {e}", file=sys.stderr, flush=True)
             await runner.cleanup()
@@ -300,10 +304,7 @@ class Daemon:
         log.info(msg)
         print(f"protoedge serve: {msg}", file=sys.stderr, flush=True)
         notify("READY=1\nSTATUS=" + msg)
-        tasks = [self._loop.create_task(self._housekeeping())]
-        interval = watchdog_interval()
-        if interval:
-            tasks.append(self._loop.create_task(self._watchdog(interval)))
+        tasks.append(self._loop.create_task(self._housekeeping()))
         await self._stop.wait()
         return await self._shutdown(runner, tasks)
 
@@ -369,9 +370,11 @@ class Daemon:
                 self._last_snapshot = time.monotonic()
 
     async def _watchdog(self, interval: float) -> None:
-        # The ping goes through the worker thread, so a hung engine (not just a live loop) stops it.
+        # While the engine builds (minutes with TensorRT) the loop itself pings. Once ready, the
+        # ping goes through the worker thread, so a hung engine, not only a dead loop, stops it.
         while True:
-            await self.call(lambda s: None)
+            if self.ready:
+                await self.call(lambda s: None)
             notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
