@@ -63,7 +63,9 @@ class MemberSamples:
                     kept.append(img)
 
     def rows(self, clusters) -> list[MontageRow]:
-        """Rows for clusters given as objects or dicts with `id` (or `cluster_id`), `count`, `label`."""
+        """Rows for clusters given as objects or dicts with `id` (or `cluster_id`), a size and `label`.
+        The size is `seen` (images ever absorbed: what an operator counts) when the cluster has it,
+        else `size` or `count` (a StreamClusterer's count decays, so it is only the fallback)."""
         out = []
         for c in clusters:
             get = c.get if isinstance(c, dict) else lambda k, d=None, c=c: getattr(c, k, d)
@@ -71,7 +73,8 @@ class MemberSamples:
             thumbs = self._thumbs.get(cid)
             if not thumbs:
                 continue
-            out.append(MontageRow(cid, int(get("count", len(thumbs))), np.stack(thumbs), label=get("label")))
+            size = next((v for v in (get("seen"), get("size"), get("count")) if v is not None), len(thumbs))
+            out.append(MontageRow(cid, int(round(size)), np.stack(thumbs), label=get("label")))
         return out
 
 
