@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .measure import cpu_session
-from .onnx_export import INPUT_NAME, OUTPUT_NAME
+from .measure import interleaved_latency
 from .pipeline import ExportOptions, export_bundle
 
 BATCHES = (1, 64)
@@ -31,31 +30,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def interleaved_latency(paths: dict, images: np.ndarray, batch: int, repeats: int, threads: int,
-                        rounds: int = 10) -> dict:
-    """Per-variant call times at one batch size, measured round-robin in `rounds` blocks."""
-    sessions = {p: cpu_session(path, threads) for p, path in paths.items()}
-    feed = {INPUT_NAME: np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:])))}
-    times = {p: [] for p in paths}
-    for s in sessions.values():
-        for _ in range(5):  # warm-up: first calls allocate and pick kernels
-            s.run([OUTPUT_NAME], feed)
-    per_round = max(1, repeats // rounds)
-    for _ in range(rounds):
-        for p, s in sessions.items():
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                s.run([OUTPUT_NAME], feed)
-                times[p].append(time.perf_counter() - t0)
-    out = {}
-    for p, t in times.items():
-        t = np.asarray(t)
-        med = float(np.median(t))
-        out[p] = {"batch": batch, "runs": int(len(t)), "median_ms": med * 1e3,
-                  "p99_ms": float(np.quantile(t, 0.99)) * 1e3, "images_per_s": batch / med}
-    return out
 
 
 def run_export_benchmark(checkpoint: Path, results_dir: Path, episodes: int = 1000, repeats: int = 200,

@@ -29,22 +29,28 @@ def cpu_session(path: str | Path, threads: int = 1):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def latency(path: str | Path, images: np.ndarray, batch_size: int, repeats: int = 50, warmup: int = 5,
-            threads: int = 1) -> dict:
-    """Per-call wall time of session.run at one batch size: median and p99 in ms, and images/s at
-    the median."""
-    session = cpu_session(path, threads)
-    reps = int(np.ceil(batch_size / len(images)))
-    batch = np.ascontiguousarray(np.concatenate([images] * reps)[:batch_size])
-    feed = {INPUT_NAME: batch}
-    for _ in range(warmup):
-        session.run([OUTPUT_NAME], feed)
-    times = np.empty(repeats)
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        session.run([OUTPUT_NAME], feed)
-        times[i] = time.perf_counter() - t0
-    median = float(np.median(times))
-    return {"batch": batch_size, "threads": threads, "repeats": repeats,
-            "median_ms": median * 1e3, "p99_ms": float(np.quantile(times, 0.99)) * 1e3,
-            "images_per_s": batch_size / median}
+def interleaved_latency(paths: dict, images: np.ndarray, batch: int, repeats: int, threads: int = 1,
+                        rounds: int = 10) -> dict:
+    """Per-variant session.run wall times at one batch size: median and p99 in ms, images/s at the
+    median. Variants take turns in `rounds` blocks, so load from other processes on a shared machine
+    hits all of them alike and their ratios stay meaningful."""
+    sessions = {p: cpu_session(path, threads) for p, path in paths.items()}
+    feed = {INPUT_NAME: np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:])))}
+    for s in sessions.values():
+        for _ in range(3):  # warm-up: first calls allocate and pick kernels
+            s.run([OUTPUT_NAME], feed)
+    times = {p: [] for p in paths}
+    rounds = max(1, min(rounds, repeats))
+    for _ in range(rounds):
+        for p, s in sessions.items():
+            for _ in range(max(1, repeats // rounds)):
+                t0 = time.perf_counter()
+                s.run([OUTPUT_NAME], feed)
+                times[p].append(time.perf_counter() - t0)
+    out = {}
+    for p, t in times.items():
+        t = np.asarray(t)
+        median = float(np.median(t))
+        out[p] = {"batch": batch, "threads": threads, "runs": int(len(t)), "median_ms": median * 1e3,
+                  "p99_ms": float(np.quantile(t, 0.99)) * 1e3, "images_per_s": batch / median}
+    return out
