@@ -123,7 +123,7 @@ def test_merge_never_joins_two_different_known_classes():
 
 def test_refinement_conserves_mass_and_is_a_no_op_when_assignments_are_hard():
     x, _, _ = blobs(n_classes=4, per_class=30, noise=0.15, seed=1)
-    plain = StreamClusterer(D, threshold=0.6, decay=1.0, merge_threshold=0)
+    plain = StreamClusterer(D, threshold=0.6, decay=1.0, merge_threshold=0, refine_every=0)
     sharp = StreamClusterer(D, threshold=0.6, decay=1.0, merge_threshold=0, refine_every=40, temperature=1e4)
     soft = StreamClusterer(D, threshold=0.6, decay=1.0, merge_threshold=0, refine_every=40, temperature=2.0)
     for c in (plain, sharp, soft):
