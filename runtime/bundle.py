@@ -99,6 +99,8 @@ class Bundle:
             extras = "  ".join(f"{k}={v[k]:.4g}" for k in ("acc_5w1s", "max_abs_diff", "min_cosine",
                                                           "speedup_vs_fp32") if isinstance(v.get(k), (int, float)))
             lines.append(f"variant    {p:5s} {v['file']}  {f['bytes'] / 1024:.0f} KiB  sha256 {f['sha256'][:12]}  {extras}")
+        for p, why in (m.get("rejected_variants") or {}).items():
+            lines.append(f"refused    {p}: {why}")
         prov = m.get("provenance", {})
         lines.append(f"provenance checkpoint {str(prov.get('checkpoint_sha256', '?'))[:12]}  "
                      f"code {prov.get('code_version', '?')}  data {str(prov.get('data_fingerprint', '?'))[:12]}")
