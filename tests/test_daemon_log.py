@@ -150,11 +150,12 @@ def _drive(state: DaemonState, rng) -> None:
         if step == 5:
             state.run_batch([Job("examples", images(3, seed=99), ["a", "a", "b"])], 64)
         if step % 7 == 6:
-            ids = [c.id for c in state.clusterer.clusters()]
-            if len(ids) >= 3:
-                state.merge(ids[-2:])
-                state.label(ids[0], f"name{step}")
-                state.remove(ids[1])
+            clusters = state.clusterer.clusters()
+            unlabelled = [c.id for c in clusters if c.label is None]
+            if len(unlabelled) >= 4:
+                state.merge(unlabelled[-2:])
+                state.label(unlabelled[0], f"name{step}")
+                state.remove(unlabelled[1])
 
 
 def test_replaying_the_log_rebuilds_exactly_the_live_state(tmp_path, bundle_and_encoder):
