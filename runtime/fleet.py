@@ -60,8 +60,8 @@ class PortableState:
         return self.meta.get("model") or {}
 
     @property
-    def labels(self) -> list:
-        return self.meta["labels"]
+    def labels(self) -> list[str | None]:
+        return [None if v is None else str(v) for v in self.meta["labels"]]  # as the clusterer reads them
 
     def clusterer(self) -> StreamClusterer:
         """The state as a live clusterer; StateError if it is not a valid one."""
@@ -85,12 +85,13 @@ def _rebuild(arrays: dict, meta: dict, where: str) -> StreamClusterer:
             raise StateError(f"state format {found!r}, expected {STATE_FORMAT}")
         obj = StreamClusterer(model=meta.get("model"), **meta["params"])
         obj._restore(arrays, meta)
+        names = [str(v) for v in meta["labels"] if v is not None]
+        if len(set(names)) != len(names):
+            raise StateError("two clusters carry the same label (a label names one cluster)")
     except StateError as e:
         raise StateError(f"{where}: {e}") from None
-    except (KeyError, TypeError, ValueError, IndexError) as e:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise StateError(f"{where}: does not hold a valid clusterer state ({type(e).__name__}: {e})") from None
-    if len({v for v in meta["labels"] if v is not None}) != sum(v is not None for v in meta["labels"]):
-        raise StateError(f"{where}: two clusters carry the same label (a label names one cluster)")
     return obj
 
 
@@ -199,9 +200,9 @@ def read_state_file(path) -> PortableState:
 
 def export_state(state_dir, out) -> PortableState:
     """Write the newest verified state of ``state_dir`` to the file ``out``; returns what was written."""
-    state = read_state(state_dir)
     if Path(state_dir).is_file():
         raise StateError(f"{state_dir}: is already a file; export reads a state folder")
+    state = read_state(state_dir)
     write_state_file(state, out)
     return state
 
