@@ -73,7 +73,8 @@ class PortableState:
                 "dim": self.params.get("dim"), "distance": self.params.get("distance"),
                 "threshold": self.params.get("threshold"), "clusters": int(len(counts)),
                 "labelled": sorted(str(v) for v in self.labels if v is not None),
-                "samples_seen": int(self.meta.get("step", 0)), "total_count": float(counts.sum())}
+                "samples_seen": int(self.meta.get("step", 0)), "total_count": float(counts.sum()),
+                **({"fleet_merge": self.meta["fleet"]} if "fleet" in self.meta else {})}
 
 
 def _rebuild(arrays: dict, meta: dict, where: str) -> StreamClusterer:
