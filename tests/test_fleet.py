@@ -6,6 +6,7 @@ matching and label rules are checked on small synthetic embeddings whose right a
 """
 import io
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -253,6 +254,16 @@ def test_states_of_other_models_are_refused(bundle, stream, tmp_path):
     assert cli("import", "--force", tmp_path / "other.npz", tmp_path / "a").exit_code == 0
     with pytest.raises(StateError, match="learned with model"):
         Runtime(bundle, backend="cpu", threads=1, state_dir=tmp_path / "a")
+
+    # a state learned on a device with another bundle (same ONNX file, another model version)
+    shutil.copytree(BUNDLE, tmp_path / "bundle2")
+    manifest = json.loads((tmp_path / "bundle2" / "manifest.json").read_text())
+    manifest["model"]["version"] = "0.2.0+retrained"
+    (tmp_path / "bundle2" / "manifest.json").write_text(json.dumps(manifest))
+    device(load_bundle(tmp_path / "bundle2"), x[:150], tmp_path / "v2")
+    r = cli("merge", tmp_path / "out", tmp_path / "b", tmp_path / "v2")
+    assert r.exit_code == 1 and "version differ" in r.output and "0.2.0+retrained" in r.output
+    assert not (tmp_path / "out").exists()
 
     # a state of another embedding size
     c = StreamClusterer(dim=32, threshold=0.1, model=StreamClusterer.load(tmp_path / "b").model)
