@@ -104,6 +104,7 @@ class DaemonState:
         self.replayed = 0
         self._thumb_key = None
         self.defer_sync = False
+        self._lock_fd = None
 
     # ------------------------------------------------------------------ start
 
@@ -112,6 +113,7 @@ class DaemonState:
         self.clusterer = StreamClusterer.from_bundle(self.bundle, **self.clusterer_params)
         if self.dir is None:
             return
+        self._lock_folder()
         snaps = _snapshot_dirs(self.dir / "snapshots")
         if snaps:
             seq, path = snaps[0]
@@ -128,6 +130,18 @@ class DaemonState:
         self.log.open_segment()
         if records:
             log.info("replayed %d logged updates after snapshot %d", len(records), self.snapshot_seq)
+
+    def _lock_folder(self) -> None:
+        """One daemon per state folder: two writers would interleave their logs."""
+        import fcntl
+
+        self._lock_fd = os.open(self.dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise StateError(f"{self.dir} is in use by another protoedge daemon; give each its own --state") from None
 
     def _check_model(self, snap: Path) -> None:
         meta_path = snap / DAEMON_META
@@ -334,7 +348,10 @@ class DaemonState:
         rows = self.thumbs.rows([{"id": cid} for cid in self.thumbs.ids()])
         if rows:
             ids = np.concatenate([np.full(len(r.thumbnails), r.cluster_id, np.int64) for r in rows])
-            np.savez(path / THUMBS_FILE, ids=ids, images=np.concatenate([r.thumbnails for r in rows]))
+            with open(path / THUMBS_FILE, "wb") as f:
+                np.savez(f, ids=ids, images=np.concatenate([r.thumbnails for r in rows]))
+                f.flush()
+                os.fsync(f.fileno())
 
     def _load_thumbs(self, path: Path) -> None:
         f = path / THUMBS_FILE
@@ -350,3 +367,6 @@ class DaemonState:
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None

@@ -217,3 +217,16 @@ def test_state_from_another_model_is_refused(tmp_path, bundle_and_encoder):
     from protoedge.runtime.errors import StateError
     with pytest.raises(StateError, match="another model"):
         DaemonState(bundle, encoder, tmp_path / "s").open()
+
+
+def test_one_daemon_per_state_folder(tmp_path, bundle_and_encoder):
+    from protoedge.runtime.errors import StateError
+    bundle, encoder = bundle_and_encoder
+    first = DaemonState(bundle, encoder, tmp_path / "s")
+    first.open()
+    with pytest.raises(StateError, match="in use"):
+        DaemonState(bundle, encoder, tmp_path / "s").open()
+    first.close()
+    again = DaemonState(bundle, encoder, tmp_path / "s")
+    again.open()  # released on close
+    again.close()
