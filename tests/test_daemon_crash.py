@@ -94,6 +94,7 @@ def assert_same(got, want):
 @pytest.mark.slow
 def test_kill9_cycles_lose_no_acknowledged_update(tmp_path):
     rng = np.random.default_rng(2026)
+    kill_rng = np.random.default_rng(7)
     ref = Reference()
     srv = Server(tmp_path, "--fsync", "always", "--snapshot-every", "60")
     in_flight_applied = 0
@@ -142,7 +143,7 @@ def test_kill9_cycles_lose_no_acknowledged_update(tmp_path):
             t = threading.Thread(target=stream)
             t.start()
             assert acked.wait(60), srv.output()
-            time.sleep(float(rng.uniform(0, 0.004)))  # land the kill at varied points of a request
+            time.sleep(float(kill_rng.uniform(0, 0.004)))  # land the kill at varied points of a request
             srv.kill9()  # while the stream goes on
             t.join(30)
             assert not t.is_alive()
