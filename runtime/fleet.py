@@ -293,7 +293,8 @@ def merge_states(states: list[PortableState], match_threshold: float | None = No
     * clusters with different labels are never joined (as the clusterer's merge refuses);
     * the remaining pairs are joined greedily, closest first, while their prototype distance is at
       most ``match_threshold`` (default: the first state's ``merge_threshold``, the distance below
-      which the clusterer itself merges two prototypes; pass the ``threshold`` for looser matching).
+      which the clusterer itself merges two prototypes; looser matching, up to the new-cluster
+      ``threshold``, merged worse on Omniglot streams: README, Fleets).
 
     A joined cluster's prototype is the count-weighted mean of its parts (the clusterer's merge
     rule), counts and samples seen add up, a label is kept when either part has one. Settings come
@@ -321,8 +322,8 @@ def merge_states(states: list[PortableState], match_threshold: float | None = No
         means = np.asarray(s.arrays["means"], np.float64)
         c_in = np.asarray(s.arrays["counts"], np.float64)
         ids_in = [int(v) for v in s.arrays["ids"]]
-        pairs = _match(sums / np.maximum(np.asarray(counts, np.float64), 1e-300)[:, None] if counts else sums,
-                       labels, means, s.labels, distance, tau)
+        current = sums / np.asarray(counts, np.float64)[:, None] if counts else sums  # counts are > 0
+        pairs = _match(current, labels, means, s.labels, distance, tau)
         by_label += pairs.by_label
         conflicts += pairs.conflicts
         matched += len(pairs.pairs) - pairs.by_label
