@@ -1,7 +1,8 @@
 """Inference backends behind one small interface: ``encoder.embed(uint8 [N,C,H,W]) -> float32 [N,D]``.
 
 * ``cpu``: ONNX Runtime, CPUExecutionProvider, tuned for latency (explicit intra-op threads, full
-  graph optimisation, sequential execution, no idle spinning).
+  graph optimisation, sequential execution, no idle spinning; batches of <= 8 on a
+  single-threaded twin session, which needs no thread wake-up).
 * ``cuda`` / ``ort-tensorrt``: ONNX Runtime with the CUDA / TensorRT execution providers; the
   TensorRT EP keeps engine and timing caches under a persistent cache folder.
 * ``tensorrt``: native TensorRT (runtime/trt_backend.py), engine built once and cached.
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "cpu", "cuda", "tensorrt", "ort-tensorrt")
 _AUTO_ORDER = ("tensorrt", "ort-tensorrt", "cuda", "cpu")
+SMALL_BATCH = 8  # CPU batches up to this size run on the single-threaded session
 _EP = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "ort-tensorrt": "TensorrtExecutionProvider"}
 
 
@@ -70,6 +72,13 @@ class OrtEncoder:
         opts.log_severity_level = 3
         providers = self._providers(backend, cache_dir or default_cache_dir(), precision)
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        # Without spinning, a multi-threaded run first has to wake its pool threads, which costs
+        # milliseconds on a busy CPU; small CPU batches gain nothing from threads, so they go to a
+        # second, single-threaded session of the same model.
+        self.small_session = None
+        if backend == "cpu" and self.threads > 1:
+            opts.intra_op_num_threads = 1
+            self.small_session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         self.providers = list(self.session.get_providers())
         if self.providers[0] != wanted:
             raise BackendUnavailable(f"ONNX Runtime could not start {wanted} and fell back to "
@@ -117,7 +126,8 @@ class OrtEncoder:
         return np.concatenate(out)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        y = self.session.run([self.output_name], {self.input_name: x})[0]
+        session = self.small_session if self.small_session is not None and len(x) <= SMALL_BATCH else self.session
+        y = session.run([self.output_name], {self.input_name: x})[0]
         return np.asarray(y, dtype=np.float32).reshape(len(x), -1)
 
     def describe(self) -> dict:

@@ -405,13 +405,14 @@ class StreamClusterer:
     # ------------------------------------------------------------------ internals
 
     def _prepare(self, X) -> np.ndarray:
+        """Validated float32 rows in the device space, always a new array (rows are kept)."""
         x = validate_embeddings(X, self.dim)
         if self.distance == "cosine":
             norms = np.linalg.norm(x, axis=1, keepdims=True)
             if (norms < 1e-12).any():
                 raise InputError("an all-zero embedding has no direction for cosine distance")
-            x = x / norms
-        return x
+            return x / norms
+        return x.copy() if isinstance(X, np.ndarray) and np.may_share_memory(x, X) else x
 
     def _means(self) -> np.ndarray:
         n = self._n
@@ -445,32 +446,39 @@ class StreamClusterer:
             self._rescore(x, n)
         out = []
         cosine = self.distance == "cosine"
-        t, tau, merge = self.temperature, self.threshold, self.merge_threshold
+        t, tau, merge, refine_every = self.temperature, self.threshold, self.merge_threshold, self.refine_every
+        scales_list = scales.tolist()
+        scores = self._scores
+        inf = math.inf
         try:
             for i in range(n_rows):
-                if self.refine_every and len(self._window) >= self.refine_every:
+                if refine_every and len(self._window) >= refine_every:
                     self._row = i
                     self._refine()
                 self._row = i + 1
                 step = self._step
-                self._step += 1
-                self._cscale = float(scales[i])
+                self._step = step + 1
+                self._cscale = scales_list[i]
                 n = self._n
                 if n == 0:
                     slot = self._open(x[i], 1.0)
                     self._remember(x[i], slot, step)
-                    out.append(Assignment(int(self._ids[slot]), math.inf, 1.0, True, None))
+                    out.append(Assignment(int(self._ids[slot]), inf, 1.0, True, None))
                     continue
-                row = self._scores[i, :n]
+                row = scores[i, :n]
                 # d = |x|^2 - 2 (x.p - |p|^2/2); for cosine the constant -1/2 is dropped: d = 2 - 2 x.p
                 j = int(row.argmax())
-                dj = max((2.0 - 2.0 * float(row[j])) if cosine else (xx[i] - 2.0 * float(row[j])), 0.0)
+                dj = (2.0 - 2.0 * float(row[j])) if cosine else (xx[i] - 2.0 * float(row[j]))
+                if dj < 0.0:
+                    dj = 0.0
                 if n > 1:
-                    row[j] = -np.inf  # this row is never read again
+                    row[j] = -inf  # this row is never read again
                     k = int(row.argmax())
-                    dk = max((2.0 - 2.0 * float(row[k])) if cosine else (xx[i] - 2.0 * float(row[k])), 0.0)
+                    dk = (2.0 - 2.0 * float(row[k])) if cosine else (xx[i] - 2.0 * float(row[k]))
+                    if dk < 0.0:
+                        dk = 0.0
                 else:
-                    k, dk = -1, math.inf
+                    k, dk = -1, inf
                 if dj > tau:
                     conf = self._confidence(dj, dk, True)
                     slot = self._open(x[i], 1.0)
@@ -479,17 +487,30 @@ class StreamClusterer:
                     continue
                 conf = 1.0 / (1.0 + (math.exp(t * (dj - dk)) if k >= 0 else 0.0) + math.exp(t * (dj - tau)))
                 result = Assignment(int(self._ids[j]), dj, conf, False, self._labels[j])
-                self._sums[j] += xs[i]
+                # learn: add the pre-scaled sample to the winner's sum, then _refresh(j), inlined
+                m = self._sums[j]
+                m += xs[i]
                 self._counts[j] += inv_list[i]
                 self._seen[j] += 1
                 self._last[j] = step
-                self._refresh(j)
-                if self.refine_every:
-                    self._window.append((x[i].copy(), result.cluster_id, step))
+                p = self._search[j]
+                if cosine:
+                    np.multiply(m, 1.0 / math.sqrt(float(np.dot(m, m))), out=p)
+                else:
+                    np.multiply(m, 1.0 / self._counts[j], out=p)
+                    self._sqn[j] = float(np.dot(p, p))
+                r = i + 1
+                if r < n_rows:
+                    col = x[r:] @ p
+                    if not cosine:
+                        col -= 0.5 * self._sqn[j]
+                    scores[r:, j] = col
+                if refine_every:
+                    self._window.append((x[i], result.cluster_id, step))
                 if k >= 0 and merge > 0 and math.sqrt(dk) - math.sqrt(dj) < root_merge:
                     self._maybe_merge(j, k)
                 out.append(result)
-            if self.refine_every and len(self._window) >= self.refine_every:
+            if refine_every and len(self._window) >= refine_every:
                 self._row = n_rows
                 self._refine()
         finally:
@@ -524,8 +545,8 @@ class StreamClusterer:
         return np.maximum(d, 0.0)
 
     def _remember(self, x: np.ndarray, slot: int, step: int) -> None:
-        if self.refine_every:
-            self._window.append((x.copy(), int(self._ids[slot]), step))
+        if self.refine_every:  # x is a row of an array _prepare made for us: no copy needed
+            self._window.append((x, int(self._ids[slot]), step))
 
     def _refresh(self, s: int) -> None:
         """Recompute what is searched for slot s after its sum or count changed."""
