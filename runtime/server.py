@@ -154,7 +154,8 @@ class Daemon:
                                      clusters=lambda: self.state.clusterer.n_clusters
                                      if self.state and self.state.clusterer else 0,
                                      log_bytes=lambda: self.state.log.size_bytes()
-                                     if self.state and self.state.log else 0)
+                                     if self.state and self.state.log else 0,
+                                     fsyncs=lambda: self.state.log.fsyncs if self.state and self.state.log else 0)
         self._stop = None
         self._loop = None
         self._last_snapshot = time.monotonic()

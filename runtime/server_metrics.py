@@ -138,7 +138,7 @@ class Registry:
 class DaemonMetrics:
     """Every metric the daemon exports, in one place so /metrics and the docs agree."""
 
-    def __init__(self, queue_depth, clusters, log_bytes):
+    def __init__(self, queue_depth, clusters, log_bytes, fsyncs=lambda: 0):
         r = self.registry = Registry()
         self.requests = r.add(Counter("protoedge_requests_total", "HTTP requests by route and status.",
                                       ("route", "status")))
@@ -157,6 +157,8 @@ class DaemonMetrics:
         r.add(Gauge("protoedge_clusters", "Clusters currently known.", clusters))
         r.add(Gauge("protoedge_resident_memory_bytes", "Resident set size of the daemon.", resident_memory_bytes))
         r.add(Gauge("protoedge_update_log_bytes", "Bytes in the update log since the last snapshot.", log_bytes))
+        r.add(Gauge("protoedge_update_log_fsyncs", "fsyncs of the update log since start (group commit: "
+                    "one covers every batch written while the previous one ran).", fsyncs))
         self.engine_build = r.add(Gauge("protoedge_engine_build_seconds",
                                         "Seconds spent building/loading and warming the encoder engine."))
         self.ready = r.add(Gauge("protoedge_ready", "1 when the engine is built and warmed up."))

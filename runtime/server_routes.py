@@ -8,7 +8,6 @@ clusterer. A client's mistake is a 4xx with {"error": "..."}; nothing it sends r
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import math
 import time

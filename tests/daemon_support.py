@@ -44,10 +44,10 @@ class Server:
     """A `protoedge serve` subprocess; use as a context manager so it never outlives a test."""
 
     def __init__(self, tmp: Path, *args: str, tcp: bool = True, unix: bool = True, state: bool = True,
-                 env: dict | None = None, bundle: Path = BUNDLE):
+                 env: dict | None = None, bundle: Path = BUNDLE, socket_path: str | None = None):
         self.tmp = Path(tmp)
         self.port = free_port() if tcp else None
-        self.socket_path = str(self.tmp / "pe.sock") if unix else None
+        self.socket_path = (socket_path or str(self.tmp / "pe.sock")) if unix else None
         self.state_dir = self.tmp / "state" if state else None
         self.log_path = self.tmp / "server.log"
         cmd = [sys.executable, "-m", "protoedge.cli", "serve", str(bundle), "--threads", "1"]

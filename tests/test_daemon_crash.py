@@ -98,6 +98,7 @@ def test_kill9_cycles_lose_no_acknowledged_update(tmp_path):
     ref = Reference()
     srv = Server(tmp_path, "--fsync", "always", "--snapshot-every", "60")
     in_flight_applied = 0
+    pending = [None]  # the operation in flight when the daemon was killed
     try:
         for cycle in range(CYCLES):
             srv.start()

@@ -9,7 +9,7 @@ import pytest
 from protoedge.runtime.bundle import load_bundle
 from protoedge.runtime.backends import open_encoder
 from protoedge.runtime.server_state import DaemonState, Job
-from protoedge.runtime.update_log import LogError, UpdateLog, read_segment
+from protoedge.runtime.update_log import LogError, UpdateLog
 
 from daemon_support import BUNDLE, images
 

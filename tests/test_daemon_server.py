@@ -1,21 +1,25 @@
 """The daemon as a separate process on loopback TCP and a Unix socket: every route, SIGTERM with a
 final snapshot, the bearer token, socket permissions, overload (503), limits."""
+import errno
 import io
 import json
 import os
-import signal
+import shutil
+import socket as so
+import tempfile
 import stat
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from protoedge.client import Client, ClientError, Overloaded
+from protoedge.client import Client, ClientError
 
 from daemon_support import BUNDLE, ENV, Server, free_port, images
 
@@ -196,7 +200,6 @@ def test_bearer_token_is_required_except_for_health(tmp_path):
 
 def test_unix_socket_is_0600_stale_socket_replaced_and_non_socket_refused(tmp_path):
     sock_path = tmp_path / "pe.sock"
-    import socket as so
     stale = so.socket(so.AF_UNIX, so.SOCK_STREAM)
     stale.bind(str(sock_path))  # bound but nobody listening: a dead daemon's leftover
     stale.close()
@@ -209,12 +212,45 @@ def test_unix_socket_is_0600_stale_socket_replaced_and_non_socket_refused(tmp_pa
         second = subprocess.run([sys.executable, "-m", "protoedge.cli", "serve", str(BUNDLE), "--socket",
                                  srv.socket_path], env=ENV, capture_output=True, text=True, timeout=60)
         assert second.returncode == 2 and "another daemon" in second.stdout + second.stderr
+        assert srv.terminate() == 0
+    if os.geteuid() == 0:  # show the kernel enforcing the mode: another user cannot connect
+        public = Path(tempfile.mkdtemp(prefix="protoedge-sock-"))
+        try:
+            public.chmod(0o755)  # the folder lets everyone in, so only the socket's mode decides
+            control = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+            control.bind(str(public / "open.sock"))
+            os.chmod(public / "open.sock", 0o666)
+            control.listen(1)
+            assert _connect_as_user(str(public / "open.sock"), 65534) == 0
+            control.close()
+            with Server(tmp_path, tcp=False, state=False, socket_path=str(public / "pe.sock")) as srv:
+                assert _connect_as_user(srv.socket_path, 65534) == errno.EACCES
+        finally:
+            shutil.rmtree(public, ignore_errors=True)
     regular = tmp_path / "not-a-socket"
     regular.write_text("keep me")
     r = subprocess.run([sys.executable, "-m", "protoedge.cli", "serve", str(BUNDLE), "--socket", str(regular)],
                        env=ENV, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "not a socket" in r.stdout + r.stderr
     assert regular.read_text() == "keep me"
+
+
+def _connect_as_user(path: str, uid: int) -> int:
+    """errno of connecting to the Unix socket from a child process running as uid (0 = connected)."""
+    pid = os.fork()
+    if pid == 0:  # child: drop to uid, try, report through the exit code
+        code = 0
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            import socket as so
+            s = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+            s.connect(path)
+        except OSError as e:
+            code = e.errno or 255
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
 
 
 def test_non_loopback_host_needs_a_token(tmp_path):
