@@ -324,3 +324,10 @@ def test_before_ready_the_daemon_is_live_and_answers_503(tmp_path):
         assert srv.terminate() == 0
     finally:
         srv.stop()
+
+
+def test_the_daemon_process_never_loads_torch(server):
+    with Client(server.tcp_url) as c:
+        c.cluster(images(2, seed=77))  # every layer has run at least once
+    maps = open(f"/proc/{server.proc.pid}/maps").read()
+    assert "onnxruntime" in maps and "torch" not in maps
