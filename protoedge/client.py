@@ -14,6 +14,8 @@ Standard library + numpy only, so any process on the device can use it:
 
 One Client holds one keep-alive connection and is not thread-safe: use one per thread.
 Errors are ClientError(status, message); a full queue is Overloaded with .retry_after seconds.
+If the connection drops (the daemon restarted), reads are retried once on a new connection;
+updates are not, since the daemon may have applied them: they raise ConnectionError.
 """
 from __future__ import annotations
 
@@ -27,6 +29,11 @@ import urllib.parse
 import numpy as np
 
 NPY = "application/x-npy"
+# The daemon (aiohttp) closes keep-alive connections idle for 75 s; reconnect well before that
+# rather than find out by losing a request.
+MAX_IDLE_S = 30.0
+# Requests that change nothing, so sending them again after a dropped connection is harmless.
+_SAFE_POSTS = ("/v1/assign", "/v1/embed", "/v2/models/encoder/infer")
 
 
 class ClientError(Exception):
@@ -77,6 +84,7 @@ class Client:
         else:
             raise ValueError(f"url must be http://HOST:PORT or unix:///PATH, not {url!r}")
         self._conn: http.client.HTTPConnection | None = None
+        self._last_used = 0.0
 
     # ------------------------------------------------------------------ transport
 
@@ -88,6 +96,8 @@ class Client:
             headers["Content-Type"] = content_type
         if accept:
             headers["Accept"] = accept
+        if self._conn is not None and time.monotonic() - self._last_used > MAX_IDLE_S:
+            self.close()
         reused = self._conn is not None
         if self._conn is None:
             self._conn = self._factory()
@@ -97,14 +107,15 @@ class Client:
             data = resp.read()
         except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
             self.close()
-            if not reused:
+            if not (reused and _idempotent(method, path)):
+                # The daemon may have applied the update before the connection dropped (it crashed
+                # or restarted): sending it again could apply it twice, so the caller decides.
                 raise
-            # A kept-alive connection the server had closed while idle: the request never reached
-            # a handler, so sending it once more on a fresh connection cannot apply it twice.
             return self.request(method, path, body, content_type, accept)
         except BaseException:
             self.close()
             raise
+        self._last_used = time.monotonic()
         if resp.will_close:
             self.close()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
@@ -235,6 +246,10 @@ class Client:
 
     def report_png(self) -> bytes:
         return self._call("GET", "/v1/report")
+
+
+def _idempotent(method: str, path: str) -> bool:
+    return method in ("GET", "HEAD") or (method == "POST" and path.split("?")[0] in _SAFE_POSTS)
 
 
 def _decode_thumbnails(items: list[dict]) -> np.ndarray:
