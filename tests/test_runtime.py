@@ -122,14 +122,15 @@ def test_whole_clustering_pass_never_imports_torch(bundle_dir, tmp_path):
 # ----------------------------------------------------------------------------- backends
 
 def test_cpu_backend_matches_torch_and_is_tuned_for_latency(bundle, bundle_and_model, data):
-    enc = open_encoder(bundle, backend="cpu", threads=1)
+    enc = open_encoder(bundle, backend="cpu", threads=2)
     assert enc.backend == "cpu" and enc.providers == ["CPUExecutionProvider"]
     opts = enc.session.get_session_options()
     import onnxruntime as ort
 
-    assert opts.intra_op_num_threads == 1
+    assert opts.intra_op_num_threads == 2
+    assert enc.small_session.get_session_options().intra_op_num_threads == 1  # batches <= 8
     assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
     images = data[0][:37]
     e = enc.embed(images)
     assert e.shape == (37, 64) and e.dtype == np.float32
@@ -142,6 +143,19 @@ def test_cpu_backend_matches_torch_and_is_tuned_for_latency(bundle, bundle_and_m
         with torch.no_grad():
             ref = model(torch.from_numpy(images)).numpy()
         np.testing.assert_allclose(e, ref, atol=1e-4)
+
+
+def test_no_idle_spinning_after_a_run(bundle, data):
+    """The pool threads must not keep a core busy between frames (ONNX Runtime's default does)."""
+    import time
+
+    enc = open_encoder(bundle, backend="cpu", threads=2)
+    batch = np.repeat(data[0][:8], 8, axis=0)  # 64 images: the multi-threaded session
+    for _ in range(3):
+        enc.embed(batch)
+    cpu = time.process_time()
+    time.sleep(0.5)
+    assert time.process_time() - cpu < 0.02
 
 
 def test_auto_picks_an_available_backend_and_reports_it(bundle, caplog):
