@@ -258,3 +258,21 @@ def test_batched_partial_fit_equals_one_sample_at_a_time(distance):
     st = batched.stats
     assert st["merged"] > 0 and st["evicted"] > 0 and st["refinements"] > 0  # every path was exercised
     np.testing.assert_allclose(batched.prototypes()[1], single.prototypes()[1], atol=1e-4)
+
+
+def test_merge_and_remove_by_id():
+    c = StreamClusterer(D, threshold=0.5, distance="sqeuclidean", decay=1.0, merge_threshold=0, refine_every=0)
+    a = c.partial_fit(np.stack([axis(0), axis(0), axis(0), axis(1), axis(2)]))
+    ids = [a[0].cluster_id, a[3].cluster_id, a[4].cluster_id]
+    survivor = c.merge(ids[:2])
+    assert survivor == ids[0]  # the heavier cluster keeps its id
+    info = {i.id: i for i in c.clusters()}
+    assert set(info) == {ids[0], ids[2]} and info[ids[0]].count == pytest.approx(4.0)
+    _, protos = c.prototypes()
+    np.testing.assert_allclose(protos[0], (3 * axis(0) + axis(1)) / 4, atol=1e-6)
+    assert c.resolve(ids[1]) == ids[0]
+    c.remove(ids[2])
+    assert [i.id for i in c.clusters()] == [ids[0]]
+    assert c.predict(np.stack([axis(2)]))[0].cluster_id == ids[0]
+    with pytest.raises(InputError, match="no cluster"):
+        c.remove(ids[2])
