@@ -236,7 +236,8 @@ def run_demo(opts: DemoOptions) -> Path:
         "demo", f"demo-seed{opts.seed}",
         **sections,
         timings_s={**watch.timings, "total": watch.total()},
-        training=training,
+        training={**training, **checkpoint_facts(checkpoint or PRETRAINED_CHECKPOINT)},
+        bundle=bundle_facts(bundle),
         settings={"protocol": PROTOCOL, "alphabets": alphabets, "seed": opts.seed, "batch": opts.batch,
                   "pretrained": opts.pretrained, "backend": getattr(rt, "backend", opts.backend),
                   "precision": "fp32", "distance": clusterer_params["distance"],
@@ -250,6 +251,31 @@ def run_demo(opts: DemoOptions) -> Path:
     if metrics.is_file():
         shutil.copyfile(metrics, opts.out / rundir.METRICS)
     return opts.out
+
+
+def checkpoint_facts(path: Path | None) -> dict:
+    """The trainer's own end-of-training numbers, from the checkpoint's header (no tensors read)."""
+    from .rundir import RunDirError
+    from .run_summaries import checkpoint_meta
+
+    if path is None or not Path(path).is_file():
+        return {}
+    try:
+        meta = checkpoint_meta(Path(path))
+    except RunDirError:
+        return {}
+    metrics = meta.get("metrics", {})
+    return {"held_out": metrics.get("training", {}), "seconds": metrics.get("seconds"),
+            "distance": meta.get("distance")}
+
+
+def bundle_facts(bundle) -> dict:
+    """What export measured and calibrated, as recorded in the verified manifest."""
+    m = bundle.manifest
+    fp32 = m["variants"]["fp32"]
+    return {"model": m["model"]["version"], "fp32_acc_5w1s": fp32.get("acc_5w1s"),
+            "fp32_max_abs_diff": fp32.get("max_abs_diff"),
+            "new_cluster_threshold": m["calibration"].get("new_cluster_threshold")}
 
 
 def summary_lines(run: dict) -> list[str]:
