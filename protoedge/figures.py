@@ -137,7 +137,11 @@ def matched_order(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rest_rows = np.setdiff1d(np.arange(table.shape[0]), rows)
     rest_cols = np.setdiff1d(np.arange(table.shape[1]), cols)
     rest_cols = rest_cols[np.argsort(-table[:, rest_cols].sum(0), kind="stable")]
-    return np.concatenate([rows, rest_rows]), np.concatenate([cols, rest_cols])
+    col_order = np.concatenate([cols, rest_cols])
+    # Unmatched classes go below, grouped under the cluster that holds most of their images.
+    position = np.argsort(col_order)
+    rest_rows = rest_rows[np.argsort(position[table[rest_rows].argmax(1)], kind="stable")]
+    return np.concatenate([rows, rest_rows]), col_order
 
 
 def contingency(table: np.ndarray, path: Path) -> Path:
