@@ -40,6 +40,8 @@ def register(main: click.Group, bench: click.Group) -> None:
               help="Longest a micro-batch waits for requests still being read.")
 @click.option("--max-queue", type=click.IntRange(1, 1 << 20), default=256, show_default=True,
               help="Requests waiting or being read; beyond it the answer is 503 + Retry-After.")
+@click.option("--max-queue-mb", type=click.FloatRange(0.001, 65536), default=64.0, show_default=True,
+              help="Request bodies held at once (queued or being read); beyond it the answer is 503.")
 @click.option("--max-body-mb", type=click.FloatRange(0.001, 1024), default=8.0, show_default=True,
               help="Largest request body.")
 @click.option("--max-images", type=click.IntRange(1, 1 << 20), default=1024, show_default=True,
@@ -55,8 +57,8 @@ def register(main: click.Group, bench: click.Group) -> None:
               help="New-cluster distance [default: from the bundle's calibration].")
 @click.option("--max-clusters", type=click.IntRange(1, None), default=1000, show_default=True)
 def serve(bundle, host, port, socket_path, state_dir, backend, precision, threads, cache_dir, token_file,
-          max_batch, max_wait_ms, max_queue, max_body_mb, max_images, fsync, fsync_interval, snapshot_every,
-          threshold, max_clusters):
+          max_batch, max_wait_ms, max_queue, max_queue_mb, max_body_mb, max_images, fsync, fsync_interval,
+          snapshot_every, threshold, max_clusters):
     """Run the local clustering daemon on BUNDLE (HTTP on loopback and/or a Unix socket).
 
     \b
@@ -86,6 +88,7 @@ def serve(bundle, host, port, socket_path, state_dir, backend, precision, thread
     config = ServerConfig(bundle=bundle, host=host, port=port, socket_path=socket_path, state_dir=state_dir,
                           backend=backend, precision=precision, threads=threads, cache_dir=cache_dir,
                           token_file=token_file, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                          max_queue_bytes=int(max_queue_mb * 1024 * 1024),
                           max_body_bytes=int(max_body_mb * 1024 * 1024), max_images_per_request=max_images,
                           fsync=fsync, fsync_interval_s=fsync_interval, snapshot_every=snapshot_every,
                           clusterer=clusterer)

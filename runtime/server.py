@@ -57,6 +57,7 @@ class ServerConfig:
     max_batch: int = 64
     max_wait_ms: float = 2.0
     max_queue: int = 256
+    max_queue_bytes: int = 64 * 1024 * 1024
     max_body_bytes: int = 8 * 1024 * 1024
     max_images_per_request: int = 1024
     fsync: str = "always"
@@ -74,7 +75,7 @@ class ServerConfig:
         if self.port is not None and not _is_loopback(self.host) and not self.token_file:
             raise ConfigError(f"--host {self.host} is not a loopback address: anyone on that network could "
                               "change the clusters; add --token-file (and a firewall), or bind 127.0.0.1")
-        for name in ("max_batch", "max_queue", "max_body_bytes", "max_images_per_request"):
+        for name in ("max_batch", "max_queue", "max_queue_bytes", "max_body_bytes", "max_images_per_request"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
         if self.max_wait_ms < 0:
@@ -293,8 +294,8 @@ class Daemon:
             self.committer = GroupCommit(self.state.log, self._loop,
                                          on_failure=lambda: self.fail("the update log cannot be fsynced"))
         self.batcher = MicroBatcher(self._process, self.worker, self.config.max_batch, self.config.max_wait_ms,
-                                    self.config.max_queue, on_batch=self._on_batch, settle=self._settle,
-                                    peers=self._peers)
+                                    self.config.max_queue, self.config.max_queue_bytes, on_batch=self._on_batch,
+                                    settle=self._settle, peers=self._peers)
         self.batcher.start()
         self.ready = True
         self.metrics.ready.set(1)

@@ -22,15 +22,19 @@ class Overloaded(Exception):
 
 class MicroBatcher:
     def __init__(self, process, executor, max_batch: int = 64, max_wait_ms: float = 2.0, max_queue: int = 256,
-                 on_batch=None, settle=None, peers=None):
+                 max_queue_bytes: int = 64 << 20, on_batch=None, settle=None, peers=None):
         """process(jobs) -> results runs on executor (one thread: it owns the model state).
         settle(results) -> results, a coroutine, runs before the answers go out (e.g. wait for the
         fsync) without holding up the next batch. peers() -> how many clients are connected: the
-        batch waits (at most max_wait) for more requests only while fewer than that are in it."""
+        batch waits (at most max_wait) for more requests only while fewer than that are in it.
+        The queue is bounded twice: max_queue requests and max_queue_bytes of request bodies
+        (read, being read or waiting), whichever is reached first."""
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and max_queue must be >= 1, max_wait_ms >= 0")
         self.process, self.executor = process, executor
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
+        self.max_queue_bytes = max_queue_bytes
+        self.held_bytes = 0  # bodies admitted and not answered yet
         self.on_batch = on_batch
         self.settle = settle
         self.peers = peers or (lambda: 1)
@@ -46,24 +50,31 @@ class MicroBatcher:
     def depth(self) -> int:
         return len(self._items)
 
-    def admit(self) -> None:
-        """Reserve a place before reading a body: refuse early instead of buffering it."""
-        if len(self._items) + self.arriving >= self.max_queue:
+    def admit(self, nbytes: int) -> None:
+        """Reserve a place for a body of nbytes before reading it: refuse early instead of
+        buffering it. Pair with submit() (which frees the place when answered) or release()."""
+        if (len(self._items) + self.arriving >= self.max_queue
+                or (self.held_bytes and self.held_bytes + nbytes > self.max_queue_bytes)):
             raise Overloaded()
         self.arriving += 1
+        self.held_bytes += nbytes
 
-    def release(self) -> None:
+    def release(self, nbytes: int) -> None:
         self.arriving -= 1
+        self.held_bytes -= nbytes
 
-    async def submit(self, job):
-        """Queue a job (after admit()) and wait for its result; exceptions are re-raised."""
-        self.release()
-        if self._stopping:
-            raise Overloaded()
-        job.future = asyncio.get_running_loop().create_future()
-        self._items.append(job)
-        self._wake.set()
-        result = await job.future
+    async def submit(self, job, nbytes: int):
+        """Queue a job admitted with nbytes and wait for its result; exceptions are re-raised."""
+        self.arriving -= 1
+        try:
+            if self._stopping:
+                raise Overloaded()
+            job.future = asyncio.get_running_loop().create_future()
+            self._items.append(job)
+            self._wake.set()
+            result = await job.future
+        finally:
+            self.held_bytes -= nbytes
         if isinstance(result, BaseException):
             raise result
         return result

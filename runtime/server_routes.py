@@ -160,16 +160,21 @@ def build_app(daemon) -> web.Application:
             return await daemon.decode_image(body, request.content_type)
         return decode_pixels(body, request.content_type, spec, cfg.max_images_per_request)
 
+    def body_cost(request: web.Request) -> int:
+        # A chunked body has no length up front: count it at the limit it may grow to.
+        return request.content_length if request.content_length is not None else cfg.max_body_bytes
+
     async def pixel_job(request: web.Request, op: str, labels_from_query: bool = False):
         require_ready(daemon)
-        daemon.batcher.admit()
+        cost = body_cost(request)
+        daemon.batcher.admit(cost)
         try:
             pixels = await read_pixels(request)
             labels = examples_labels(request, len(pixels)) if labels_from_query else None
         except BaseException:
-            daemon.batcher.release()
+            daemon.batcher.release(cost)
             raise
-        return await daemon.batcher.submit(Job(op, pixels, labels))
+        return await daemon.batcher.submit(Job(op, pixels, labels), cost)
 
     def examples_labels(request: web.Request, n: int) -> list[str]:
         if "labels" in request.query:
@@ -206,14 +211,15 @@ def build_app(daemon) -> web.Application:
     @routes.post("/v2/models/encoder/infer")
     async def infer(request):
         require_ready(daemon)
-        daemon.batcher.admit()
+        cost = body_cost(request)
+        daemon.batcher.admit(cost)
         try:
             doc = parse_json(await request.read(), max_bytes=cfg.max_body_bytes)
             req_id, pixels = kserve_pixels(doc, daemon.bundle.input_spec, cfg.max_images_per_request)
         except BaseException:
-            daemon.batcher.release()
+            daemon.batcher.release(cost)
             raise
-        emb = await daemon.batcher.submit(Job("embed", pixels))
+        emb = await daemon.batcher.submit(Job("embed", pixels), cost)
         out = {"model_name": "encoder", "outputs": [{"name": daemon.bundle.output_spec["name"], "datatype": "FP32",
                                                     "shape": list(emb.shape), "data": emb.ravel().tolist()}]}
         if req_id is not None:

@@ -259,8 +259,10 @@ def test_non_loopback_host_needs_a_token(tmp_path):
     assert r.returncode == 2 and "loopback" in r.stderr
 
 
-def test_overload_answers_503_with_retry_after_and_memory_stays_bounded(tmp_path):
-    with Server(tmp_path, "--max-queue", "2", "--max-batch", "32", "--max-wait-ms", "0", state=False) as srv:
+@pytest.mark.parametrize("limit", [("--max-queue", "2"), ("--max-queue", "1000", "--max-queue-mb", "0.5")],
+                         ids=["requests", "bytes"])
+def test_overload_answers_503_with_retry_after_and_memory_stays_bounded(tmp_path, limit):
+    with Server(tmp_path, *limit, "--max-batch", "32", "--max-wait-ms", "0", state=False) as srv:
         with srv.client() as c:
             rss0 = _rss(c.metrics())
         statuses, retry_after = [], []
