@@ -327,13 +327,20 @@ def demo_command(pretrained, time_budget, alphabets, seed, batch, backend, thres
         seconds = 120.0
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--time-budget") from None
+    from .runtime.backends import BACKENDS
+
+    if backend not in BACKENDS:  # before minutes of training, not after
+        raise click.BadParameter(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}",
+                                 param_hint="--backend")
     opts = DemoOptions(out=out, pretrained=pretrained, time_budget_s=seconds, alphabets=alphabets, seed=seed,
                        batch=batch, backend=backend, threshold=threshold)
-    from .runtime.errors import InputError, StateError
+    from .datasets import DataError
+    from .runtime.bundle import BundleError
+    from .runtime.errors import BackendUnavailable, InputError, StateError
 
     try:
         run_dir = run_demo(opts)
-    except (InputError, StateError) as e:
+    except (InputError, StateError, BackendUnavailable, BundleError, DataError) as e:
         raise click.ClickException(str(e)) from None
     run = rundir.read_run_json(run_dir)
     click.echo("")

@@ -73,6 +73,7 @@ def test_stream_is_deterministic_per_seed_and_unseen():
     (["--time-budget", "soon"], "cannot read duration"),
     (["--batch", "0"], "--batch"),
     (["--threshold", "-1"], "--threshold"),
+    (["--backend", "abacus"], "unknown backend 'abacus'"),
 ])
 def test_bad_demo_options_are_clear_errors(tmp_path, args, message):
     result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), *args])
