@@ -118,6 +118,13 @@ def render_markdown(r: dict) -> str:
             f"{v['acc_drop_vs_fp32']:+.2f} | {b1['median_ms']:.3f} | {b1['p99_ms']:.3f} | {b1['images_per_s']:.0f} | "
             f"{v['b1_speedup_vs_fp32']:.2f} | {b64['median_ms']:.2f} | {b64['p99_ms']:.2f} | "
             f"{b64['images_per_s']:.0f} | {v['b64_speedup_vs_fp32']:.2f} |")
+    slower = [p for p, v in r["variants"].items() if p != "fp32" and v["b64_speedup_vs_fp32"] < 1]
+    if slower:
+        lines += ["", f"On this CPU {' and '.join(slower)} ran slower than FP32 at batch 64. ONNX Runtime's CPU "
+                  "provider has few float16 kernels (it inserts casts around them), and the INT8 file uses "
+                  "symmetric signed int8 activations (the Q/DQ form TensorRT needs), whose extra Quantize/"
+                  "Dequantize work does not pay off on this CPU for a network this small. The reduced-precision files are for TensorRT on the device; on a CPU, ship FP32 "
+                  "unless the file size matters."]
     if r["rejected_variants"]:
         lines += ["", "Refused variants:", ""] + [f"- {p}: {why}" for p, why in r["rejected_variants"].items()]
     sq, dq = cal["same_item_quantiles"], cal["different_item_quantiles"]
