@@ -193,10 +193,15 @@ class Daemon:
     def _process(self, jobs):
         """Worker thread: one micro-batch -> (results, last log sequence written)."""
         try:
-            return self.state.run_batch(jobs, self.config.max_batch), self.state.seq
-        except PersistError as e:
+            results = self.state.run_batch(jobs, self.config.max_batch)
+            if self.committer is not None and self.batcher.depth == 0:
+                # Nothing is queued behind this batch, so nothing gains from overlapping: fsync
+                # here and save the lone client two thread hand-offs.
+                self.state.log.sync()
+            return results, self.state.seq
+        except (PersistError, OSError) as e:
             self.fail("the update log cannot be written")
-            return [e] * len(jobs), 0
+            return [e if isinstance(e, PersistError) else PersistError(str(e))] * len(jobs), 0
 
     async def _settle(self, processed):
         """Loop: hold the answers of a batch until its log records are on disk."""
