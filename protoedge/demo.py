@@ -100,12 +100,12 @@ def committed_bundle_is_current() -> bool:
     return True
 
 
-def obtain_bundle(opts: DemoOptions, checkpoint: Path):
+def obtain_bundle(opts: DemoOptions, checkpoint: Path | None, use_committed: bool):
     """Export FP32 (reduced precisions are left to `protoedge export`: they cost minutes), or reuse
-    the committed bundle with --pretrained; either way load_bundle verifies schema and hashes."""
+    the committed bundle; either way load_bundle verifies schema and hashes."""
     from .runtime.bundle import BundleError, load_bundle
 
-    if opts.pretrained and committed_bundle_is_current():
+    if use_committed:
         click.echo(f"[2/4] using the committed bundle {PRETRAINED_BUNDLE}")
         return PRETRAINED_BUNDLE
     from .export.pipeline import ExportOptions, export_bundle
@@ -206,7 +206,8 @@ def run_demo(opts: DemoOptions) -> Path:
     stream, class_names, alphabets = unseen_stream(opts)  # first: a bad --alphabets fails before training
     clear_run_files(opts.out)
     t = time.perf_counter()
-    if opts.pretrained and committed_bundle_is_current():  # the committed bundle needs no checkpoint
+    use_committed = opts.pretrained and committed_bundle_is_current()
+    if use_committed:  # the committed bundle needs no checkpoint
         checkpoint, training = None, {"source": "committed", "bundle": str(PRETRAINED_BUNDLE)}
         click.echo("[1/4] --pretrained: skipping training")
     else:
@@ -214,7 +215,7 @@ def run_demo(opts: DemoOptions) -> Path:
     watch.step("train", t)
 
     t = time.perf_counter()
-    bundle_dir = obtain_bundle(opts, checkpoint)
+    bundle_dir = obtain_bundle(opts, checkpoint, use_committed)
     watch.step("export", t)
 
     click.echo("[3/4] verifying the bundle and starting the runtime")
@@ -248,9 +249,9 @@ def run_demo(opts: DemoOptions) -> Path:
         training={**training, **checkpoint_facts(checkpoint or PRETRAINED_CHECKPOINT)},
         bundle=bundle_facts(bundle),
         settings={"protocol": PROTOCOL, "alphabets": alphabets, "seed": opts.seed, "batch": opts.batch,
-                  "pretrained": opts.pretrained, "backend": getattr(rt, "backend", opts.backend),
-                  "precision": "fp32", "distance": clusterer_params["distance"],
-                  "threshold": clusterer_params["threshold"], "bundle": str(bundle_dir)},
+                  "pretrained": opts.pretrained, "backend": rt.backend, "precision": "fp32",
+                  "distance": clusterer_params["distance"], "bundle": str(bundle_dir),
+                  "clusterer": clusterer_params},
         class_names=class_names,
     )
     rundir.write_run_json(opts.out, run)
