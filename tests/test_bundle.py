@@ -43,6 +43,15 @@ def test_default_bundle_loads_with_its_specs(bundle_dir):
         b.onnx_path("bf16")
 
 
+def test_default_bundle_calibration_separates_same_and_different_items():
+    c = load_bundle(DEFAULT_BUNDLE).calibration
+    same, diff = c["same_item_quantiles"], c["different_item_quantiles"]
+    # The committed encoder is trained: most views of one item are closer than almost all other items.
+    assert same["0.9"] < diff["0.05"]
+    assert same["0.95"] <= c["new_cluster_threshold"] <= diff["0.05"]
+    assert c["same_item_above_threshold"] < 0.1 and c["different_item_below_threshold"] < 0.1
+
+
 def test_changed_byte_is_rejected(bundle_dir):
     onnx_file = bundle_dir / "encoder.fp32.onnx"
     data = bytearray(onnx_file.read_bytes())
