@@ -114,15 +114,10 @@ class DaemonState:
         if self.dir is None:
             return
         self._lock_folder()
-        snaps = _snapshot_dirs(self.dir / "snapshots")
-        if snaps:
-            seq, path = snaps[0]
-            self._check_model(path)
-            self.clusterer = StreamClusterer.load(path)
-            self.snapshot_seq = seq
-            self._load_thumbs(path)
         for tmp in (self.dir / "snapshots").glob(".tmp-*"):
             shutil.rmtree(tmp, ignore_errors=True)  # an interrupted snapshot: the log still has it
+        snaps = _snapshot_dirs(self.dir / "snapshots")
+        self._load_snapshot(snaps)
         records = self.log.recover(after_seq=self.snapshot_seq)
         for rec in records:
             self._apply(rec.op, rec.args, rec.arrays)
@@ -130,6 +125,34 @@ class DaemonState:
         self.log.open_segment()
         if records:
             log.info("replayed %d logged updates after snapshot %d", len(records), self.snapshot_seq)
+        if not snaps and not records:
+            # A new folder: pin the clusterer's settings in a first snapshot, so that a later start
+            # with other settings cannot replay this history differently.
+            self.snapshot()
+
+    def _load_snapshot(self, snaps: list[tuple[int, Path]]) -> None:
+        """The newest snapshot that loads; an older one if it is damaged (the log is kept back
+        to the oldest snapshot, so replay covers the difference)."""
+        errors = []
+        for seq, path in snaps:
+            self._check_model(path)
+            try:
+                clusterer = StreamClusterer.load(path)
+            except StateError as e:
+                log.error("snapshot %s is unusable (%s); trying an older one", path.name, e)
+                errors.append(str(e))
+                continue
+            self.clusterer, self.snapshot_seq = clusterer, seq
+            self._load_thumbs(path)
+            wanted = {k: v for k, v in self.clusterer_params.items() if v is not None}
+            saved = clusterer.get_params()
+            differ = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+            if differ:
+                log.warning("state %s keeps the settings it was created with; ignoring %s (saved, given): "
+                            "start with a new --state folder to change them", self.dir, differ)
+            return
+        if errors:
+            raise StateError(f"{self.dir}: no usable snapshot: " + "; ".join(errors))
 
     def _lock_folder(self) -> None:
         """One daemon per state folder: two writers would interleave their logs."""
@@ -338,9 +361,11 @@ class DaemonState:
             _fsync_dir(root)
         self.snapshot_seq = seq
         self.log.open_segment()
-        self.log.drop_before(seq)
-        for old_seq, old in _snapshot_dirs(root)[KEEP_SNAPSHOTS:]:
+        kept = _snapshot_dirs(root)
+        for _, old in kept[KEEP_SNAPSHOTS:]:
             shutil.rmtree(old, ignore_errors=True)
+        # Keep the log back to the oldest snapshot kept, so that one can stand in for a damaged newer one.
+        self.log.drop_before(kept[:KEEP_SNAPSHOTS][-1][0])
         return {"seq": seq, "path": str(final), "seconds": time.perf_counter() - t0,
                 "clusters": self.clusterer.n_clusters}
 

@@ -230,3 +230,37 @@ def test_one_daemon_per_state_folder(tmp_path, bundle_and_encoder):
     again = DaemonState(bundle, encoder, tmp_path / "s")
     again.open()  # released on close
     again.close()
+
+
+def test_a_damaged_newest_snapshot_falls_back_to_the_older_one_plus_the_log(tmp_path, bundle_and_encoder):
+    bundle, encoder = bundle_and_encoder
+    s = DaemonState(bundle, encoder, tmp_path / "s")
+    s.open()
+    _drive(s, np.random.default_rng(8))
+    s.snapshot()
+    _drive(s, np.random.default_rng(9))
+    newest = s.snapshot()
+    _drive(s, np.random.default_rng(10))
+    expected = _snapshot_arrays(s)
+    s.close()
+    for npz in (tmp_path / "s" / "snapshots" / os.path.basename(newest["path"])).glob("*.npz"):
+        data = bytearray(npz.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # bit rot in the newest snapshot
+        npz.write_bytes(bytes(data))
+    again = DaemonState(bundle, encoder, tmp_path / "s")
+    again.open()
+    assert again.snapshot_seq < newest["seq"] and again.replayed > 0
+    _assert_same_state(_snapshot_arrays(again), expected)
+    again.close()
+
+
+def test_settings_are_pinned_by_the_first_snapshot(tmp_path, bundle_and_encoder):
+    bundle, encoder = bundle_and_encoder
+    s = DaemonState(bundle, encoder, tmp_path / "s", threshold=0.05)
+    s.open()
+    s.run_batch([Job("cluster", images(5))], 64)
+    s.close()  # no snapshot since the first one: the history is in the log only
+    again = DaemonState(bundle, encoder, tmp_path / "s", threshold=0.5)
+    again.open()
+    assert again.clusterer.threshold == 0.05 and again.replayed == 1
+    again.close()
