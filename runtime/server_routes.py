@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import math
 import time
 
 import numpy as np
@@ -132,13 +131,6 @@ def query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -
     return v
 
 
-def assignment_json(a) -> dict:
-    d = a.to_dict()
-    if d["distance"] is not None and not math.isfinite(d["distance"]):
-        d["distance"] = None
-    return d
-
-
 def cluster_json(info) -> dict:
     return {"id": info.id, "label": info.label, "count": info.count, "seen": info.seen,
             "created": info.created, "last_seen": info.last_seen}
@@ -152,15 +144,16 @@ def build_app(daemon) -> web.Application:
     routes = web.RouteTableDef()
 
     async def read_pixels(request: web.Request) -> np.ndarray:
-        if request.content_length is not None and request.content_length > cfg.max_body_bytes:
-            raise web.HTTPRequestEntityTooLarge(max_size=cfg.max_body_bytes, actual_size=request.content_length)
-        body = await request.read()
+        body = await request.read()  # aiohttp answers 413 past client_max_size (chunked bodies too)
         spec = daemon.bundle.input_spec
         if request.content_type in ("image/png", "image/jpeg"):
             return await daemon.decode_image(body, request.content_type)
         return decode_pixels(body, request.content_type, spec, cfg.max_images_per_request)
 
     def body_cost(request: web.Request) -> int:
+        """Bytes to reserve in the queue for this body; 413 right away if it is announced too big."""
+        if request.content_length is not None and request.content_length > cfg.max_body_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=cfg.max_body_bytes, actual_size=request.content_length)
         # A chunked body has no length up front: count it at the limit it may grow to.
         return request.content_length if request.content_length is not None else cfg.max_body_bytes
 
@@ -242,12 +235,12 @@ def build_app(daemon) -> web.Application:
     @routes.post("/v1/cluster")
     async def cluster(request):
         assignments, seq = await pixel_job(request, "cluster")
-        return web.json_response({"assignments": [assignment_json(a) for a in assignments], "seq": seq})
+        return web.json_response({"assignments": [a.to_dict() for a in assignments], "seq": seq})
 
     @routes.post("/v1/assign")
     async def assign(request):
         assignments = await pixel_job(request, "assign")
-        return web.json_response({"assignments": [assignment_json(a) for a in assignments]})
+        return web.json_response({"assignments": [a.to_dict() for a in assignments]})
 
     @routes.post("/v1/examples")
     async def examples(request):
