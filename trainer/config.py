@@ -20,6 +20,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "bf16"  # bf16 autocast (CUDA, or CPUs with AMX/AVX512-BF16) | fp32
     threads: int = 2
+    pool_limit: int = 0  # > 0: train on an evenly spaced subset of this many images (tests, quick checks)
     # encoder (EncoderConfig fields)
     width: int = 64
     depth: int = 4
@@ -44,7 +45,8 @@ class TrainConfig:
     cluster_weight: float = 1.0
     cluster_ks: list[int] = field(default_factory=lambda: [800, 1200, 1600])
     cluster_start: float = 0.3  # progress at which the first partitions are built
-    cluster_every: float = 0.15  # progress between re-clusterings
+    cluster_every: float = 0.1  # progress between re-clusterings; each refreshes one partition (round robin)
+    cluster_pool: int = 30000  # k-means on at most this many images (a fresh random subset each time)
     recon_weight: float = 0.1  # joint reconstruction loss, on recon_batch clean images
     recon_batch: int = 64
     # MAML (recipe "maml")
@@ -57,8 +59,8 @@ class TrainConfig:
     maml_first_order: bool = False
     # bookkeeping
     log_every: int = 25
-    val_every: float = 0.1  # progress between validation evaluations (labels of val characters)
-    val_episodes: int = 300
+    val_every: float = 0.2  # progress between validation evaluations (labels of val characters)
+    val_episodes: int = 200
     checkpoint_every_s: float = 300.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -86,7 +88,7 @@ def recipe_config(recipe: str, protocol: str = "omniglot-a", **overrides) -> Tra
     base: dict = {"recipe": recipe, "protocol": protocol}
     if protocol == "mnist":
         # 10 classes of 6,000 images: few, large clusters.
-        base.update(cluster_ks=[10, 20, 40], cluster_way=10, cluster_shot=2, cluster_query=2)
+        base.update(cluster_ks=[20, 40, 80], cluster_way=16, cluster_shot=2, cluster_query=2, cluster_pool=20000)
     if recipe == "autoencoder":
         base.update(ae_fraction=1.0)
     elif recipe == "cactus":

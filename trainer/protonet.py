@@ -31,7 +31,7 @@ class ProtoHead(nn.Module):
 
     @property
     def temperature(self) -> float:
-        return float(self.log_temperature.exp())
+        return float(self.log_temperature.detach().exp())
 
     def embed_space(self, z: torch.Tensor) -> torch.Tensor:
         return F.normalize(z, dim=-1) if self.distance == "cosine" else z

@@ -23,9 +23,9 @@ def augmentation_episode(n_images: int, n_way: int, rng: np.random.Generator) ->
 
 
 def kmeans_partitions(embeddings: np.ndarray, ks: list[int], seed: int,
-                      rescale: bool = True) -> list[np.ndarray]:
-    """One cluster-id array [N] per k. Partitions after the first cluster a randomly rescaled
-    embedding (CACTUs) so they disagree where the embedding is unsure."""
+                      rescale_from: int = 1) -> list[np.ndarray]:
+    """One cluster-id array [N] per k. Partitions from index rescale_from on cluster a randomly
+    rescaled embedding (CACTUs) so they disagree where the embedding is unsure."""
     from sklearn.cluster import KMeans
 
     rng = np.random.default_rng(seed)
@@ -34,9 +34,9 @@ def kmeans_partitions(embeddings: np.ndarray, ks: list[int], seed: int,
     for i, k in enumerate(ks):
         if k > len(x):
             raise ValueError(f"k-means with k={k} needs at least {k} images, the pool has {len(x)}")
-        xi = x * rng.uniform(0.0, 1.0, x.shape[1]) if (rescale and i > 0) else x
+        xi = x * rng.uniform(0.0, 1.0, x.shape[1]) if i >= rescale_from else x
         # Random init: k-means++ seeding costs ~30x more than the Lloyd iterations at k ~ 1000.
-        km = KMeans(n_clusters=k, init="random", n_init=1, max_iter=30, random_state=int(rng.integers(2**31)))
+        km = KMeans(n_clusters=k, init="random", n_init=1, max_iter=20, random_state=int(rng.integers(2**31)))
         partitions.append(km.fit_predict(xi.astype(np.float32)).astype(np.int64))
     return partitions
 
@@ -49,7 +49,8 @@ class ClusterTaskSampler:
         for part in partitions:
             order = np.argsort(part, kind="stable")
             bounds = np.flatnonzero(np.diff(part[order])) + 1
-            groups = [g for g in np.split(order, bounds) if len(g) >= min_size]
+            # id -1 marks images left out of the clustering (a subsample of a big pool)
+            groups = [g for g in np.split(order, bounds) if len(g) >= min_size and part[g[0]] >= 0]
             self.members.append(groups)
         self.min_size = min_size
 

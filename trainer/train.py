@@ -37,15 +37,20 @@ FINAL_RESERVE_S = 10.0  # kept free at the end of the budget for the last checkp
 
 # ----------------------------------------------------------------------------- data
 
-def unlabelled_pool(protocol: str) -> tuple[torch.Tensor, str]:
+def unlabelled_pool(protocol: str, limit: int = 0) -> tuple[torch.Tensor, str]:
     """Training images with their labels dropped, and the fingerprint recorded as provenance."""
     images = datasets.load_split(protocol, "train").images  # the labels are dropped right here
+    if 0 < limit < len(images):
+        images = images[np.linspace(0, len(images) - 1, limit).astype(np.int64)]
     return torch.from_numpy(images), datasets.ImageSet(images, source=protocol).fingerprint()
 
 
-def training_labels(protocol: str) -> np.ndarray:
-    """Only the supervised ceiling baseline calls this."""
-    return datasets.load_split(protocol, "train").labels
+def training_labels(protocol: str, limit: int = 0) -> np.ndarray:
+    """Only the supervised ceiling baseline calls this (same subset rule as unlabelled_pool)."""
+    labels = datasets.load_split(protocol, "train").labels
+    if 0 < limit < len(labels):
+        labels = labels[np.linspace(0, len(labels) - 1, limit).astype(np.int64)]
+    return labels
 
 
 def validation_set(protocol: str) -> datasets.ImageSet | None:
@@ -93,6 +98,7 @@ class Run:
         self.stage_start = 0.0  # elapsed when the current stage began
         self.partitions: list[np.ndarray] = []
         self.next_cluster = cfg.cluster_start
+        self.refreshes = 0  # k-means refreshes so far (picks the partition to rebuild next)
         self.next_val = cfg.val_every
 
     def save(self, path: Path, extra_meta: dict | None = None) -> Path:
@@ -112,7 +118,7 @@ class Run:
             "code_version": code_version(),
             "state": {"stage": self.stage, "step": self.step, "total_steps": self.total_steps,
                       "elapsed": self.elapsed, "stage_start": self.stage_start,
-                      "next_cluster": self.next_cluster, "next_val": self.next_val,
+                      "next_cluster": self.next_cluster, "next_val": self.next_val, "refreshes": self.refreshes,
                       "n_partitions": len(self.partitions), "optimizer_groups": groups,
                       "numpy_rng": ckpt.numpy_rng_state(self.rng)},
             **(extra_meta or {}),
@@ -132,7 +138,7 @@ class Run:
         self.gen.set_state(tensors["rng.torch"])
         ckpt.restore_numpy_rng(self.rng, s["numpy_rng"])
         self.partitions = [tensors[f"partition.{i}"].numpy() for i in range(s["n_partitions"])]
-        for key in ("stage", "step", "total_steps", "elapsed", "stage_start", "next_cluster", "next_val"):
+        for key in ("stage", "step", "total_steps", "elapsed", "stage_start", "next_cluster", "next_val", "refreshes"):
             setattr(self, key, s[key])
         return meta
 
@@ -189,19 +195,45 @@ def protonet_step_loss(run: Run, pool: torch.Tensor, sampler: ClusterTaskSampler
             part_b, _ = run.head.loss(queries, support)
             part = (part + part_b) / 2
         loss = loss + (cfg.cluster_weight if name == "cluster" else 1.0) * part
-        logs[f"loss_{name}"], logs[f"acc_{name}"] = float(part), float(acc)
+        logs[f"loss_{name}"], logs[f"acc_{name}"] = float(part.detach()), float(acc)
     if recon_idx is not None:
         rec = reconstruction_loss(run, pool[torch.from_numpy(recon_idx)].to(run.device))
         loss = loss + cfg.recon_weight * rec
-        logs["loss_recon"] = float(rec)
+        logs["loss_recon"] = float(rec.detach())
     return loss, logs
+
+
+# ----------------------------------------------------------------------------- stage 2: clustering tasks
+
+def refresh_partitions(run: Run, pool: torch.Tensor) -> None:
+    """First call: every partition of cfg.cluster_ks. Later calls: only the oldest one, on the
+    current embedding, so the tasks follow the embedding at a third of the k-means cost."""
+    cfg = run.cfg
+    subset = np.sort(run.rng.choice(len(pool), min(cfg.cluster_pool, len(pool)), replace=False))
+    z = embed(run.encoder, pool[torch.from_numpy(subset)], device=run.device)
+    seed = int(run.rng.integers(2**31))
+    if len(run.partitions) != len(cfg.cluster_ks):
+        slots = list(range(len(cfg.cluster_ks)))
+    else:
+        slots = [run.refreshes % len(cfg.cluster_ks)]
+    for slot in slots:
+        ids = np.full(len(pool), -1, np.int64)
+        ids[subset] = kmeans_partitions(z, [cfg.cluster_ks[slot]], seed + slot, rescale_from=0 if slot else 1)[0]
+        if slot < len(run.partitions):
+            run.partitions[slot] = ids
+        else:
+            run.partitions.append(ids)
+    run.refreshes += 1
 
 
 # ----------------------------------------------------------------------------- the run
 
 def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = None,
-          progress: bool = True) -> Path:
-    """Train, writing out_dir/{config.json, metrics.jsonl, checkpoint.safetensors}; returns the checkpoint."""
+          progress: bool = True, stop_at_step: int | None = None) -> Path:
+    """Train, writing out_dir/{config.json, metrics.jsonl, checkpoint.safetensors}; returns the checkpoint.
+
+    stop_at_step ends this session after that meta step with a resumable checkpoint (a run split
+    into sessions; `resume` continues it)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -211,7 +243,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
     run = Run(cfg, device)
     if resume:
         run.load(Path(resume))
-    pool, fingerprint = unlabelled_pool(cfg.protocol)
+    pool, fingerprint = unlabelled_pool(cfg.protocol, cfg.pool_limit)
     val = validation_set(cfg.protocol)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     log_file = open(out / "metrics.jsonl", "a")
@@ -259,7 +291,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
             bar.update(1)
             if run.step % cfg.log_every == 0:
                 log({"loss_recon": round(float(loss.detach()), 5)})
-                bar.set_postfix(loss=f"{float(loss):.4f}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
             if time.time() - last_save > cfg.checkpoint_every_s:
                 checkpoint(out / "checkpoint.safetensors")
                 last_save = time.time()
@@ -278,7 +310,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
         maml = MamlTrainer(run, pool)
     sampler = None
     if cfg.recipe == "supervised":
-        run.partitions = [training_labels(cfg.protocol)]  # the ceiling: the true classes as tasks
+        run.partitions = [training_labels(cfg.protocol, cfg.pool_limit)]  # the ceiling: the true classes as tasks
     if run.partitions:
         sampler = ClusterTaskSampler(run.partitions, cfg.cluster_shot + cfg.cluster_query)
     meta_budget = budget - run.stage_start - FINAL_RESERVE_S
@@ -287,13 +319,18 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
         prog = run.step / cfg.steps if cfg.steps else (now() - run.stage_start) / max(meta_budget, 1e-6)
         if prog >= 1.0 or now() >= budget - FINAL_RESERVE_S:
             break
+        if stop_at_step is not None and run.step >= stop_at_step:
+            bar.close()
+            log({"event": "session_end"})
+            path = checkpoint(out / "checkpoint.safetensors")
+            log_file.close()
+            return path
         if cfg.recipe in ("default", "cactus") and cfg.cluster_way and prog >= run.next_cluster:
             t0 = time.time()
-            z = embed(run.encoder, pool, device=device)
-            seed = int(run.rng.integers(2**31))
-            run.partitions = kmeans_partitions(z, cfg.cluster_ks, seed=seed)
+            refresh_partitions(run, pool)
             sampler = ClusterTaskSampler(run.partitions, cfg.cluster_shot + cfg.cluster_query)
-            run.next_cluster += cfg.cluster_every
+            while run.next_cluster <= prog:
+                run.next_cluster += cfg.cluster_every
             log({"event": "recluster", "seconds": round(time.time() - t0, 1),
                  "usable_clusters": sampler.usable_clusters()})
         set_lr(run.optimizer, cosine_lr(cfg.lr, prog, cfg.warmup))
@@ -309,11 +346,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
         run.step += 1
         bar.update(1)
         if run.step % cfg.log_every == 0:
-            log({"loss": round(float(loss), 4), "lr": round(run.optimizer.param_groups[0]["lr"], 6),
+            log({"loss": round(float(loss.detach()), 4), "lr": round(run.optimizer.param_groups[0]["lr"], 6),
                  "temperature": round(run.head.temperature, 3), **{k: round(v, 4) for k, v in logs.items()}})
-            bar.set_postfix(loss=f"{float(loss):.3f}", t=f"{run.head.temperature:.1f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", t=f"{run.head.temperature:.1f}")
         if prog >= run.next_val:
-            run.next_val += cfg.val_every
+            while run.next_val <= prog:  # a slow step (k-means) may jump over several marks: one validation
+                run.next_val += cfg.val_every
             scores = validate()
             if scores:
                 log({"event": "validation", **scores})
