@@ -130,7 +130,7 @@ def test_cpu_backend_matches_torch_and_is_tuned_for_latency(bundle, bundle_and_m
     assert opts.intra_op_num_threads == 2
     assert enc.small_session.get_session_options().intra_op_num_threads == 1  # batches <= 8
     assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     images = data[0][:37]
     e = enc.embed(images)
     assert e.shape == (37, 64) and e.dtype == np.float32
