@@ -26,6 +26,7 @@ PROTOCOL = "omniglot-a"
 class DemoOptions:
     out: Path
     pretrained: bool = False
+    bundle: Path | None = None  # an exported bundle to demo instead of training + exporting
     time_budget_s: float = 120.0
     alphabets: int = 3
     seed: int = 0
@@ -207,7 +208,10 @@ def run_demo(opts: DemoOptions) -> Path:
     clear_run_files(opts.out)
     t = time.perf_counter()
     use_committed = opts.pretrained and committed_bundle_is_current()
-    if use_committed:  # the committed bundle needs no checkpoint
+    if opts.bundle is not None:
+        checkpoint, training = None, {"source": "bundle", "bundle": str(opts.bundle)}
+        click.echo("[1/4] --bundle: skipping training and export")
+    elif use_committed:  # the committed bundle needs no checkpoint
         checkpoint, training = None, {"source": "committed", "bundle": str(PRETRAINED_BUNDLE)}
         click.echo("[1/4] --pretrained: skipping training")
     else:
@@ -215,7 +219,7 @@ def run_demo(opts: DemoOptions) -> Path:
     watch.step("train", t)
 
     t = time.perf_counter()
-    bundle_dir = obtain_bundle(opts, checkpoint, use_committed)
+    bundle_dir = opts.bundle or obtain_bundle(opts, checkpoint, use_committed)
     watch.step("export", t)
 
     click.echo("[3/4] verifying the bundle and starting the runtime")
@@ -246,7 +250,7 @@ def run_demo(opts: DemoOptions) -> Path:
         "demo", f"demo-seed{opts.seed}",
         **sections,
         timings_s={**watch.timings, "total": watch.total()},
-        training={**training, **checkpoint_facts(checkpoint or PRETRAINED_CHECKPOINT)},
+        training={**training, **checkpoint_facts(checkpoint or (None if opts.bundle else PRETRAINED_CHECKPOINT))},
         bundle=bundle_facts(bundle),
         settings={"protocol": PROTOCOL, "alphabets": alphabets, "seed": opts.seed, "batch": opts.batch,
                   "pretrained": opts.pretrained, "backend": rt.backend, "precision": "fp32",
@@ -257,8 +261,8 @@ def run_demo(opts: DemoOptions) -> Path:
     rundir.write_run_json(opts.out, run)
     rundir.write_stream(opts.out, stream.images, final, labels=stream.labels,
                         embedding=embedding.astype(np.float32), latency_ms=latency.astype(np.float32))
-    metrics = opts.out / "train" / rundir.METRICS if not opts.pretrained else PRETRAINED_METRICS
-    if metrics.is_file():
+    metrics = PRETRAINED_METRICS if opts.pretrained else opts.out / "train" / rundir.METRICS
+    if opts.bundle is None and metrics.is_file():
         shutil.copyfile(metrics, opts.out / rundir.METRICS)
     return opts.out
 
@@ -308,6 +312,8 @@ def summary_lines(run: dict) -> list[str]:
 @click.command()
 @click.option("--pretrained", is_flag=True,
               help="Start from the committed encoder and bundle (models/omniglot/) instead of training.")
+@click.option("--bundle", "bundle_path", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Demo this exported bundle (directory or .tar.gz) instead of training and exporting.")
 @click.option("--time-budget", default="2m", show_default=True,
               help="Meta-training time (e.g. 90s, 2m); ignored with --pretrained.")
 @click.option("--alphabets", default=3, show_default=True, type=click.IntRange(1, None),
@@ -321,7 +327,7 @@ def summary_lines(run: dict) -> list[str]:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
               show_default=True, help="Run directory to write (replaced).")
 @click.option("--no-report", is_flag=True, help="Skip the HTML report.")
-def demo_command(pretrained, time_budget, alphabets, seed, batch, backend, threshold, out, no_report):
+def demo_command(pretrained, bundle_path, time_budget, alphabets, seed, batch, backend, threshold, out, no_report):
     """Train briefly without labels, export, verify, and cluster never-seen alphabets; writes a report.
 
     The README's first command (`make demo`). About 3-4 minutes on a 2-core CPU; with --pretrained
@@ -342,7 +348,9 @@ def demo_command(pretrained, time_budget, alphabets, seed, batch, backend, thres
     if backend not in BACKENDS:  # before minutes of training, not after
         raise click.BadParameter(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}",
                                  param_hint="--backend")
-    opts = DemoOptions(out=out, pretrained=pretrained, time_budget_s=seconds, alphabets=alphabets, seed=seed,
+    if pretrained and bundle_path:
+        raise click.UsageError("--pretrained and --bundle both choose the model; give one")
+    opts = DemoOptions(out=out, pretrained=pretrained, bundle=bundle_path, time_budget_s=seconds, alphabets=alphabets, seed=seed,
                        batch=batch, backend=backend, threshold=threshold)
     from .datasets import DataError
     from .runtime.bundle import BundleError

@@ -1,5 +1,6 @@
 """`protoedge demo`: the whole pipeline on real Omniglot data, small enough for the test suite."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,6 +48,19 @@ def test_demo_pretrained_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+def test_demo_of_a_given_bundle_in_batches(tmp_path):
+    bundle = Path(__file__).resolve().parent.parent / "models" / "omniglot" / "bundle"
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["demo", "--bundle", str(bundle), "--alphabets", "1", "--batch", "16",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    run = _check_run_dir(out, result.output)
+    assert run["training"] == {"source": "bundle", "bundle": str(bundle)} and run["settings"]["batch"] == 16
+    latency = rundir.read_stream(out)["latency_ms"]
+    assert np.all(latency[:16] == latency[0])  # one call for the first 16 images: its time shared
+
+
+@pytest.mark.slow
 def test_demo_trains_exports_and_reports_curves(tmp_path):
     """The README's default path (training), with a tiny budget: the wiring, not the accuracy."""
     out = tmp_path / "demo"
@@ -74,6 +88,8 @@ def test_stream_is_deterministic_per_seed_and_unseen():
     (["--batch", "0"], "--batch"),
     (["--threshold", "-1"], "--threshold"),
     (["--backend", "abacus"], "unknown backend 'abacus'"),
+    (["--pretrained", "--bundle", "."], "give one"),
+    (["--bundle", "no/such/bundle"], "does not exist"),
 ])
 def test_bad_demo_options_are_clear_errors(tmp_path, args, message):
     result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), *args])
