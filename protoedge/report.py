@@ -32,7 +32,7 @@ HIDDEN = {"format", "class_names"}  # bookkeeping, not findings
 HEADER_KEYS = ("kind", "name", "created")
 MAX_TABLE_ROWS = 25
 MAX_LIST_ITEMS = 20
-MONTAGE_ROWS, MONTAGE_PER_ROW = 30, 12
+MONTAGE_ROWS, MONTAGE_PER_ROW = 60, 12  # the 60 largest clusters; further rows are mostly singletons
 
 
 def format_value(value) -> str:
