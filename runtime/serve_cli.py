@@ -103,7 +103,8 @@ def serve(bundle, host, port, socket_path, state_dir, backend, precision, thread
 @click.option("--requests", "n_latency", type=click.IntRange(100, 100000), default=2000, show_default=True,
               help="Single-image requests for the one-client latency.")
 @click.option("--threads", type=int, default=None, help="Server inference threads [default: all cores].")
-@click.option("--fsync", type=click.Choice(["always", "interval"]), default="always", show_default=True)
+@click.option("--fsync", type=click.Choice(["both", "always", "interval"]), default="both", show_default=True,
+              help="Measure the daemon with this fsync policy, or with each in turn.")
 def bench_daemon(bundle, out_dir, seconds, n_latency, threads, fsync):
     """Daemon latency/throughput on loopback vs the runtime in-process; writes daemon.md/.json."""
     import importlib.util

@@ -194,9 +194,10 @@ class Daemon:
         """Worker thread: one micro-batch -> (results, last log sequence written)."""
         try:
             results = self.state.run_batch(jobs, self.config.max_batch)
-            if self.committer is not None and self.batcher.depth == 0:
-                # Nothing is queued behind this batch, so nothing gains from overlapping: fsync
-                # here and save the lone client two thread hand-offs.
+            if self.committer is not None and self.batcher.depth == 0 and self.batcher.last_peers <= 1:
+                # A lone client: nothing can queue behind this batch, so nothing gains from
+                # overlapping; fsync here and save two thread hand-offs. With more clients the
+                # group commit lets the next batch run while this one's fsync is in flight.
                 self.state.log.sync()
             return results, self.state.seq
         except (PersistError, OSError) as e:

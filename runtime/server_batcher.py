@@ -35,6 +35,7 @@ class MicroBatcher:
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
         self.max_queue_bytes = max_queue_bytes
         self.held_bytes = 0  # bodies admitted and not answered yet
+        self.last_peers = 1  # connected clients when the last batch formed (read by the worker)
         self.on_batch = on_batch
         self.settle = settle
         self.peers = peers or (lambda: 1)
@@ -95,6 +96,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         batch = [self._items.popleft()]
         n = batch[0].n
+        peers = self.last_peers = self.peers()
         deadline = loop.time() + self.max_wait
         while n < self.max_batch:
             if self._items:
@@ -107,7 +109,7 @@ class MicroBatcher:
             remaining = deadline - loop.time()
             # Wait only if more requests can come: bodies being read, or connected clients that
             # have nothing in this batch yet. A lone client never waits.
-            if remaining <= 0 or self._stopping or (self.arriving == 0 and len(batch) >= self.peers()):
+            if remaining <= 0 or self._stopping or (self.arriving == 0 and len(batch) >= peers):
                 break
             self._wake.clear()
             try:
