@@ -336,13 +336,17 @@ def demo_command(pretrained, bundle_path, time_budget, alphabets, seed, batch, b
     from . import rundir
     from .app_cli import report_or_explain
 
-    try:
+    seconds = DemoOptions.time_budget_s
+    if not (pretrained or bundle_path):  # only training needs torch; a device can demo a bundle
+        from ._deps import require_torch
+
+        require_torch()
         from .trainer.config import parse_duration
-        seconds = parse_duration(time_budget)
-    except ImportError:  # no torch: only --pretrained can run; the budget is unused then
-        seconds = 120.0
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--time-budget") from None
+
+        try:
+            seconds = parse_duration(time_budget)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--time-budget") from None
     from .runtime.backends import BACKENDS
 
     if backend not in BACKENDS:  # before minutes of training, not after
@@ -350,8 +354,8 @@ def demo_command(pretrained, bundle_path, time_budget, alphabets, seed, batch, b
                                  param_hint="--backend")
     if pretrained and bundle_path:
         raise click.UsageError("--pretrained and --bundle both choose the model; give one")
-    opts = DemoOptions(out=out, pretrained=pretrained, bundle=bundle_path, time_budget_s=seconds, alphabets=alphabets, seed=seed,
-                       batch=batch, backend=backend, threshold=threshold)
+    opts = DemoOptions(out=out, pretrained=pretrained, bundle=bundle_path, time_budget_s=seconds,
+                       alphabets=alphabets, seed=seed, batch=batch, backend=backend, threshold=threshold)
     from .datasets import DataError
     from .runtime.bundle import BundleError
     from .runtime.errors import BackendUnavailable, InputError, StateError

@@ -1,5 +1,7 @@
 """`protoedge demo`: the whole pipeline on real Omniglot data, small enough for the test suite."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +60,18 @@ def test_demo_of_a_given_bundle_in_batches(tmp_path):
     assert run["training"] == {"source": "bundle", "bundle": str(bundle)} and run["settings"]["batch"] == 16
     latency = rundir.read_stream(out)["latency_ms"]
     assert np.all(latency[:16] == latency[0])  # one call for the first 16 images: its time shared
+
+
+def test_demo_of_a_bundle_runs_without_torch(tmp_path):
+    """What a device install can do: the runtime and the report, no torch imported on the way."""
+    bundle = Path(__file__).resolve().parent.parent / "models" / "omniglot" / "bundle"
+    code = ("import sys\n"
+            "from protoedge.cli import main\n"
+            f"main(['demo', '--bundle', {str(bundle)!r}, '--alphabets', '1', '--batch', '64', "
+            f"'--out', {str(tmp_path)!r}], standalone_mode=False)\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
+    assert (tmp_path / "report.html").is_file() and (tmp_path / "run.json").is_file()
 
 
 @pytest.mark.slow
