@@ -129,7 +129,13 @@ def unseen_stream(opts: DemoOptions):
 
     from .datasets import load_split
 
-    train, test = load_split(PROTOCOL, "train"), load_split(PROTOCOL, "test")
+    from tqdm import tqdm
+
+    with tqdm(total=2, desc="data", unit="split", disable=not opts.progress, leave=False) as bar:
+        train = load_split(PROTOCOL, "train")  # the first load also checks the file's sha256
+        bar.update(1)
+        test = load_split(PROTOCOL, "test")
+        bar.update(1)
     alphabet = lambda names: np.array([n.split("/")[0] for n in names])
     unseen = sorted(set(alphabet(test.class_names)) - set(alphabet(train.class_names)))
     if opts.alphabets > len(unseen):
