@@ -333,3 +333,31 @@ def test_the_daemon_process_never_loads_torch(server):
         c.cluster(images(2, seed=77))  # every layer has run at least once
     maps = open(f"/proc/{server.proc.pid}/maps").read()
     assert "onnxruntime" in maps and "torch" not in maps
+
+
+def test_concurrent_single_image_requests_share_encoder_calls(server):
+    def metric(text, name):  # a histogram has no series before its first observation
+        return float(next((line.split()[1] for line in text.splitlines() if line.startswith(name + " ")), 0))
+
+    with Client(server.tcp_url) as c:
+        before = c.metrics()
+        seen0 = sum(x["seen"] for x in c.clusters())
+    answers = []
+
+    def client(k):
+        with Client(server.tcp_url) as c:
+            for i in range(25):
+                answers.append(len(c.cluster(images(1, seed=10_000 + 100 * k + i))))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    with Client(server.tcp_url) as c:
+        after = c.metrics()
+        assert sum(x["seen"] for x in c.clusters()) == seen0 + 200
+    calls = metric(after, "protoedge_batch_images_count") - metric(before, "protoedge_batch_images_count")
+    imgs = metric(after, "protoedge_batch_images_sum") - metric(before, "protoedge_batch_images_sum")
+    assert answers == [1] * 200 and imgs == 200
+    assert calls < 200, "200 concurrent single-image requests must share encoder calls"
