@@ -156,8 +156,10 @@ def test_sigterm_drains_in_flight_requests_snapshots_and_exits_0(tmp_path):
         threads = [threading.Thread(target=stream, args=(s,)) for s in range(4)]
         for t in threads:
             t.start()
-        while len(answered) < 40:
+        deadline = time.monotonic() + 60
+        while len(answered) < 40 and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert len(answered) >= 40, (errors, srv.output())
         assert srv.terminate() == 0
         for t in threads:
             t.join(20)
