@@ -126,7 +126,7 @@ def render_markdown(r: dict) -> str:
         lines += ["", "On this CPU, at batch 64: " + "; ".join(
             f"{p} ran at {r['variants'][p]['b64_speedup_vs_fp32']:.2f}x FP32's throughput ({why[p]})" for p in slower)
             + ". The reduced-precision files are meant for TensorRT on the device; on a CPU, FP32 is the "
-              "fastest choice here unless file size matters."]
+              "sensible choice here unless file size matters."]
     if r["rejected_variants"]:
         lines += ["", "Refused variants:", ""] + [f"- {p}: {why}" for p, why in r["rejected_variants"].items()]
     sq, dq = cal["same_item_quantiles"], cal["different_item_quantiles"]
