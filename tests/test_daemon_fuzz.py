@@ -197,3 +197,55 @@ def test_malformed_requests_get_4xx_and_change_nothing(tmp_path):
         assert state_files(srv.state_dir) == files_before
         assert srv.proc.poll() is None
     print("statuses:", statuses, "accepted harmless byte flips:", valid_flipped)
+
+
+RAW = [
+    b"GARBAGE\r\n\r\n",
+    b"GET / HTTP/9.9\r\n\r\n",
+    b"POST /v1/cluster HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+    b"POST /v1/cluster HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"POST /v1/cluster HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello",
+    b"POST /v1/cluster HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    b"GET /v1/clusters HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+    b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /v1/clusters HTTP/1.1\r\nBad Header Line\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40),  # a TLS hello on the plain port
+    b"POST /v1/cluster HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Type: application/x-npy\r\n\r\n"
+    + b"%x\r\n" % (MAX_BODY + 10) + b"a" * (MAX_BODY + 10) + b"\r\n0\r\n\r\n",
+]
+
+
+def test_malformed_http_gets_4xx_or_a_closed_connection_and_no_crash(tmp_path):
+    import socket
+
+    rng = np.random.default_rng(11)
+    with Server(tmp_path, "--max-body-mb", str(MAX_BODY / 2**20)) as srv:
+        with srv.client() as c:
+            c.cluster(images(4, seed=3))
+            before = c._call("GET", "/v1/clusters")
+        files_before = state_files(srv.state_dir)
+        statuses = []
+        for i in range(300):
+            payload = RAW[i % len(RAW)] if i < 2 * len(RAW) else rng.integers(0, 256, int(rng.integers(1, 300)),
+                                                                                dtype=np.uint8).tobytes() + b"\r\n\r\n"
+            if i % 2:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(srv.socket_path)
+            else:
+                s = socket.create_connection(("127.0.0.1", srv.port))
+            s.settimeout(10)
+            try:
+                s.sendall(payload)
+                head = s.recv(64)
+            except (ConnectionResetError, BrokenPipeError):
+                head = b""
+            finally:
+                s.close()
+            if head:  # an answer must be a 4xx; no answer (closed) is acceptable for garbage
+                status = int(head.split(b" ")[1])
+                statuses.append(status)
+                assert 400 <= status < 500, (payload[:80], head)
+        assert statuses, "some malformed requests must get an HTTP error answer"
+        with srv.client() as c:
+            assert c.ready() and c._call("GET", "/v1/clusters") == before
+        assert state_files(srv.state_dir) == files_before and srv.proc.poll() is None
