@@ -264,3 +264,21 @@ def test_settings_are_pinned_by_the_first_snapshot(tmp_path, bundle_and_encoder)
     again.open()
     assert again.clusterer.threshold == 0.05 and again.replayed == 1
     again.close()
+
+
+def test_a_snapshot_interrupted_mid_write_is_discarded_and_the_log_replays(tmp_path, bundle_and_encoder):
+    bundle, encoder = bundle_and_encoder
+    s = DaemonState(bundle, encoder, tmp_path / "s")
+    s.open()
+    _drive(s, np.random.default_rng(12))
+    expected = _snapshot_arrays(s)
+    s.close()
+    # What a kill -9 during snapshot() leaves: a half-written temporary folder, never renamed.
+    tmp = tmp_path / "s" / "snapshots" / f".tmp-{999:020d}-1234"
+    tmp.mkdir()
+    (tmp / "gen-000001.npz").write_bytes(b"PK\x03\x04 half")
+    again = DaemonState(bundle, encoder, tmp_path / "s")
+    again.open()
+    assert not tmp.exists() and again.replayed > 0
+    _assert_same_state(_snapshot_arrays(again), expected)
+    again.close()
