@@ -185,3 +185,18 @@ def test_failed_export_leaves_the_old_bundle_in_place(checkpoint, tmp_path):
             precisions=("fp32", "int8"), **{**QUICK, "int8_calib_images": 0}))
     assert json.loads((out / "manifest.json").read_text()) == {"old": True}
     assert [p.name for p in tmp_path.iterdir()] == ["b"], "no staging folder may be left behind"
+
+
+def test_calibration_and_eval_data_sources(tmp_path):
+    from protoedge.datasets import DataError
+
+    assert pipeline.resolve_images("omniglot-a", "train").source == "omniglot-a:train"
+    assert pipeline.resolve_images("mnist:test", "train").source == "mnist:test"
+    unlabelled = load_split("omniglot-a", "train").images[:50]
+    np.savez(tmp_path / "calib.npz", images=unlabelled)
+    got = pipeline.resolve_images(str(tmp_path / "calib.npz"), "train")
+    assert got.labels is None and np.array_equal(got.images, unlabelled)
+    with pytest.raises(DataError, match="no such file or folder"):
+        pipeline.resolve_images(str(tmp_path / "missing"), "train")
+    assert pipeline.default_protocol({"config": {"protocol": "mnist"}}) == "mnist"
+    assert pipeline.default_protocol({}) == "omniglot-a"
