@@ -603,10 +603,13 @@ class StreamClusterer:
     def _evict(self) -> None:
         n = self._n
         counts = self._counts[:n]
-        unlabelled = np.array([lab is None for lab in self._labels[:n]])
-        # Known classes are kept as long as there is an unlabelled cluster to give up instead.
-        pool = np.flatnonzero(unlabelled) if unlabelled.any() else np.arange(n)
-        self._remove_slot(int(pool[counts[pool].argmin()]))
+        s = int(counts.argmin())
+        if self._labels[s] is not None:
+            # Known classes are kept as long as there is an unlabelled cluster to give up instead.
+            pool = [i for i, lab in enumerate(self._labels[:n]) if lab is None]
+            if pool:
+                s = pool[int(counts[pool].argmin())]
+        self._remove_slot(s)
         self._stats["evicted"] += 1
 
     def _remove_slot(self, s: int) -> None:
