@@ -237,8 +237,11 @@ def measure_daemon(bundle: str, fsync: str, seconds: float, n_latency: int, thre
 
 def run_benchmark(bundle: str, out_dir: str = "benchmarks/results", seconds: float = 6.0, n_latency: int = 2000,
                   threads: int | None = None, fsync: str = "both") -> dict:
+    from protoedge.runtime.server import default_inference_threads
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    threads = threads or default_inference_threads()  # the daemon's default, used in-process too
     load_before = os.getloadavg()
     policies = ("always", "interval") if fsync == "both" else (fsync,)
     daemons = {p: measure_daemon(bundle, p, seconds, n_latency, threads) for p in policies}
@@ -254,7 +257,7 @@ def run_benchmark(bundle: str, out_dir: str = "benchmarks/results", seconds: flo
                         "16_clients_ge_3000_images_per_s": t16 >= 3000.0}
     results = {
         "daemon": daemons, "in_process": inproc,
-        "setup": {"bundle": bundle, "server_threads": threads or os.cpu_count(), "cpus": os.cpu_count(),
+        "setup": {"bundle": bundle, "server_threads": threads, "cpus": os.cpu_count(),
                   "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                   "python": platform.python_version(), "machine": platform.machine(),
                   "seconds_per_throughput_run": seconds, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}}

@@ -29,7 +29,8 @@ def register(main: click.Group, bench: click.Group) -> None:
 @click.option("--backend", type=click.Choice(["auto", "cpu", "cuda", "tensorrt", "ort-tensorrt"]), default="auto",
               show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
-@click.option("--threads", type=int, default=None, help="CPU inference threads [default: all cores].")
+@click.option("--threads", type=click.IntRange(1, 256), default=None,
+              help="CPU inference threads [default: all cores but one, which the event loop uses].")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Engine cache (TensorRT plans) [default: $PROTOEDGE_CACHE_DIR or ~/.cache/protoedge].")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -102,7 +103,8 @@ def serve(bundle, host, port, socket_path, state_dir, backend, precision, thread
               help="Length of each throughput measurement.")
 @click.option("--requests", "n_latency", type=click.IntRange(100, 100000), default=2000, show_default=True,
               help="Single-image requests for the one-client latency.")
-@click.option("--threads", type=int, default=None, help="Server inference threads [default: all cores].")
+@click.option("--threads", type=int, default=None,
+              help="Inference threads, daemon and in-process alike [default: the daemon's, all cores but one].")
 @click.option("--fsync", type=click.Choice(["both", "always", "interval"]), default="both", show_default=True,
               help="Measure the daemon with this fsync policy, or with each in turn.")
 def bench_daemon(bundle, out_dir, seconds, n_latency, threads, fsync):

@@ -82,6 +82,12 @@ class ServerConfig:
             raise ConfigError("max_wait_ms must be >= 0")
 
 
+def default_inference_threads() -> int:
+    """All cores but one: the event loop parses HTTP on its own core while the encoder runs
+    (measured on 2 cores: 1 inference thread serves more images/s than 2)."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
 def _is_loopback(host: str | None) -> bool:
     if host in ("localhost",):
         return True
@@ -248,7 +254,8 @@ class Daemon:
 
         t0 = time.perf_counter()
         cfg = self.config
-        self.encoder = open_encoder(self.bundle, backend=cfg.backend, precision=cfg.precision, threads=cfg.threads,
+        self.encoder = open_encoder(self.bundle, backend=cfg.backend, precision=cfg.precision,
+                                    threads=cfg.threads or default_inference_threads(),
                                     cache_dir=cfg.cache_dir, max_batch=max(cfg.max_batch, 1))
         s = self.bundle.input_spec
         # Warm-up at the sizes the batcher will use: the first calls allocate and (TensorRT) tune.
