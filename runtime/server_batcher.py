@@ -2,9 +2,10 @@
 
 Batches form by themselves while the engine is busy: everything that queued up during the
 previous call goes into the next one (up to max_batch images). The batcher waits up to max_wait
-for more only while other requests are still being read, so a lone client never pays the wait.
-When the queue holds max_queue requests, submit() raises Overloaded and the caller answers 503:
-memory stays bounded by max_queue request bodies.
+for more only while bodies are still being read or connected clients have nothing in the batch
+yet, so a lone client never pays the wait. admit() is called before a body is read and raises
+Overloaded (the caller answers 503) when max_queue requests or max_queue_bytes of bodies are
+already held: memory stays bounded whatever the load.
 """
 from __future__ import annotations
 
