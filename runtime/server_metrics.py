@@ -143,7 +143,7 @@ class DaemonMetrics:
         self.requests = r.add(Counter("protoedge_requests_total", "HTTP requests by route and status.",
                                       ("route", "status")))
         self.latency = r.add(Histogram("protoedge_request_duration_seconds",
-                                       "Request latency from first byte read to answer, by route.",
+                                       "Request handling time (headers parsed to response ready), by route.",
                                        LATENCY_BUCKETS, ("route",)))
         self.batch_size = r.add(Histogram("protoedge_batch_images", "Images per encoder call (micro-batch).",
                                           BATCH_BUCKETS))
