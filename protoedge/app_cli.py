@@ -9,14 +9,19 @@ _CLI_START = time.time()  # a bench result written after this is the one this pr
 BENCH_RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
+def has_matplotlib() -> bool:
+    """The report's figures need it; the device install (no [train] extra) does not have it."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def report_or_explain(run_dir) -> Path | None:
     """Write RUN_DIR/report.html and say where it is; other commands call this at their end.
     Without matplotlib (the device install) it says how to get the report instead of failing the job."""
     from .rundir import RunDirError
 
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if not has_matplotlib():
         click.echo(f"report: skipped (needs matplotlib: pip install 'protoedge[train]'), "
                    f"then run: protoedge report {run_dir}", err=True)
         return None
@@ -87,10 +92,8 @@ def register(main: click.Group, bench: click.Group) -> None:
         stream.npz (a clustered stream: images, cluster, labels, embedding, latency_ms).
         `protoedge demo` writes one; see the README's "Reports" section for the format.
         """
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise click.ClickException("the report needs matplotlib: pip install 'protoedge[train]'") from None
+        if not has_matplotlib():
+            raise click.ClickException("the report needs matplotlib: pip install 'protoedge[train]'")
         if not run_dir.is_dir():
             raise click.ClickException(f"{run_dir}: no such run directory")
         report_or_explain(run_dir)

@@ -126,10 +126,9 @@ def unseen_stream(opts: DemoOptions):
     """Test images of `alphabets` alphabets that have no character in the training split, shuffled.
     Returns (ImageSet with labels 0..K-1, class names, alphabet names)."""
     import numpy as np
+    from tqdm import tqdm
 
     from .datasets import load_split
-
-    from tqdm import tqdm
 
     with tqdm(total=2, desc="data", unit="split", disable=not opts.progress, leave=False) as bar:
         train = load_split(PROTOCOL, "train")  # the first load also checks the file's sha256

@@ -2,8 +2,6 @@
 import base64
 import json
 import re
-import subprocess
-import sys
 from html.parser import HTMLParser
 from io import BytesIO
 from pathlib import Path

@@ -3,14 +3,13 @@ import json
 import os
 import time
 
-import click
 import pytest
 from click.testing import CliRunner
 
 from protoedge import app_cli, rundir
 from protoedge.cli import bench, main
 from protoedge.report import format_value
-from protoedge.run_summaries import checkpoint_meta, training_run
+from protoedge.run_summaries import checkpoint_meta
 
 
 @pytest.fixture
