@@ -79,3 +79,13 @@ def test_every_bench_command_leaves_a_report(tmp_path, monkeypatch):
     text = page.read_text()
     for shown in ("1.234", "4.5", "2500", "97.5", "yes", "n/a"):  # NaN is stored as null
         assert f">{shown}<" in text
+
+
+def test_without_matplotlib_jobs_still_finish_and_report_says_what_to_install(tmp_path, monkeypatch):
+    """The device install has no matplotlib: a job's report is skipped with the fix, never a crash."""
+    monkeypatch.setattr(app_cli, "has_matplotlib", lambda: False)
+    rundir.write_run_json(tmp_path, rundir.new_run("x", "y", summary={"acc": 0.5}))
+    assert app_cli.report_or_explain(tmp_path) is None
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code != 0 and "pip install 'protoedge[train]'" in result.output
+    assert not (tmp_path / "report.html").exists()
