@@ -28,7 +28,10 @@ class DemoOptions:
     pretrained: bool = False
     bundle: Path | None = None  # an exported bundle to demo instead of training + exporting
     time_budget_s: float = 120.0
-    alphabets: int = 3
+    # One alphabet per stream, as Omniglot clustering is usually scored (Hsu et al. 2018): with the
+    # committed encoder, seeds 0-4 give mean ACC 0.46 for one alphabet, 0.32 for two, 0.24 for three,
+    # where characters of different alphabets start to pool into a few large mixed clusters.
+    alphabets: int = 1
     seed: int = 0
     batch: int = 1
     backend: str = "auto"
@@ -321,7 +324,7 @@ def summary_lines(run: dict) -> list[str]:
               help="Demo this exported bundle (directory or .tar.gz) instead of training and exporting.")
 @click.option("--time-budget", default="2m", show_default=True,
               help="Meta-training time (e.g. 90s, 2m); ignored with --pretrained.")
-@click.option("--alphabets", default=3, show_default=True, type=click.IntRange(1, None),
+@click.option("--alphabets", default=DemoOptions.alphabets, show_default=True, type=click.IntRange(1, None),
               help="How many never-seen alphabets to stream (chosen with --seed).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds training, alphabet choice and order.")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1, None),
