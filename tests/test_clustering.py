@@ -274,3 +274,29 @@ def test_merge_and_remove_by_id():
     assert c.predict(np.stack([axis(2)]))[0].cluster_id == ids[0]
     with pytest.raises(InputError, match="no cluster"):
         c.remove(ids[2])
+
+
+def test_silhouette_matches_scikit_learn():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    from protoedge.runtime.threshold_search import silhouette
+
+    x, y, _ = blobs(n_classes=4, per_class=30, noise=0.3, seed=2)
+    labels = y.copy()
+    labels[:3] = 99  # a small cluster, and a singleton next
+    labels[3] = 100
+    assert silhouette(x, labels) == pytest.approx(sklearn_metrics.silhouette_score(x, labels), abs=1e-6)
+
+
+def test_unlabelled_threshold_selection_recovers_a_too_small_threshold():
+    from protoedge.runtime.threshold_search import select_threshold
+
+    x, y, _ = blobs(n_classes=6, per_class=40, noise=0.12, seed=4)
+    make = lambda tau: StreamClusterer(D, threshold=tau)
+    base = 0.25  # too small: most samples would open a cluster of their own
+    got = select_threshold(make, [x[:120], x[120:]], base)
+    assert got["factor"] > 1.0
+    c = StreamClusterer(D, threshold=got["threshold"])
+    c.partial_fit(x)
+    assert abs(c.n_clusters - 6) <= 2
+    with pytest.raises(InputError):
+        select_threshold(make, [x[:2]], base)

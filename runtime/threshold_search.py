@@ -1,0 +1,66 @@
+"""Choose the new-cluster threshold from *unlabelled* data of the deployment domain.
+
+The calibration rule (clustering.threshold_from_calibration) was fitted on Omniglot, where a class
+is a handful of drawings among 1,200; on data with a few broad classes (MNIST) the right threshold
+is much larger. Without labels, the clusterer is run over sample streams at several multiples of
+the rule's threshold, and the multiple whose final partition has the best silhouette (Rousseeuw
+1987: cohesion against separation, no labels involved) wins. numpy only, like the rest of the
+runtime.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InputError
+
+FACTORS = (0.7, 1.0, 1.3, 1.6, 2.0, 2.5, 3.0)
+
+
+def silhouette(x: np.ndarray, labels: np.ndarray) -> float:
+    """Mean silhouette with Euclidean distances (samples alone in their cluster score 0, as in
+    scikit-learn). O(n^2) memory: pass a subsample of at most a few thousand rows."""
+    x = np.asarray(x, np.float64)
+    _, lab = np.unique(np.asarray(labels), return_inverse=True)
+    k = lab.max() + 1
+    if k < 2 or k >= len(x):
+        return -1.0
+    sq = (x * x).sum(1)
+    d = np.sqrt(np.maximum(sq[:, None] - 2 * x @ x.T + sq[None], 0))
+    onehot = np.zeros((len(x), k))
+    onehot[np.arange(len(x)), lab] = 1
+    sizes = onehot.sum(0)
+    sums = d @ onehot                                   # [n, k] summed distance to each cluster
+    own = sizes[lab]
+    a = sums[np.arange(len(x)), lab] / np.maximum(own - 1, 1)
+    other = sums / sizes[None]
+    other[np.arange(len(x)), lab] = np.inf
+    b = other.min(1)
+    s = np.where(own > 1, (b - a) / np.maximum(np.maximum(a, b), 1e-12), 0.0)
+    return float(s.mean())
+
+
+def select_threshold(make_clusterer, streams, base: float, factors=FACTORS, max_points: int = 2000,
+                     seed: int = 0) -> dict:
+    """Run ``make_clusterer(threshold)`` over each unlabelled stream (embeddings in arrival order)
+    for threshold = factor x base; score each final partition (every sample at its nearest
+    prototype) by silhouette in the device space; return the best threshold and the table."""
+    streams = [np.asarray(s) for s in streams]
+    if not streams or any(len(s) < 3 for s in streams):
+        raise InputError("threshold selection needs streams of at least 3 embeddings")
+    rng = np.random.default_rng(seed)
+    table = {}
+    for f in factors:
+        scores, clusters = [], []
+        for x in streams:
+            c = make_clusterer(float(f * base))
+            c.partial_fit(x)
+            final = np.array([a.cluster_id for a in c.predict(x)])
+            pick = rng.choice(len(x), min(len(x), max_points), replace=False)
+            space = c._prepare(x[pick])  # the clusterer's own space (unit vectors for cosine)
+            scores.append(silhouette(space, final[pick]))
+            clusters.append(c.n_clusters)
+        table[f] = {"threshold": float(f * base), "silhouette": float(np.mean(scores)),
+                    "clusters": float(np.mean(clusters))}
+    best = max(table, key=lambda f: table[f]["silhouette"])
+    return {"threshold": table[best]["threshold"], "factor": float(best), "base": float(base),
+            "table": {f"{f:g}": v for f, v in table.items()}}
