@@ -49,6 +49,9 @@ def register_cluster(main: click.Group) -> None:
                   "(default: all cores).")
     @click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=None,
                   help="New-cluster distance (default: from the bundle's calibration).")
+    @click.option("--tune-threshold", "tune_on", type=click.Path(exists=True, path_type=Path), default=None,
+                  help="Pick the threshold without labels on these unlabelled images (folder, .npz, .npy) from "
+                       "the same domain: best silhouette over multiples of the calibration threshold.")
     @click.option("--max-clusters", type=click.IntRange(1), default=None, help="Cluster cap [default: 1000].")
     @click.option("--decay", type=click.FloatRange(0, 1, min_open=True), default=None,
                   help="Per-sample decay of cluster counts [default: 0.999].")
@@ -67,7 +70,7 @@ def register_cluster(main: click.Group) -> None:
     @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
     @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                   help="Engine/timing caches for the GPU backends (default: ~/.cache/protoedge).")
-    def cluster(bundle, inputs, backend, precision, threads, threshold, max_clusters, decay, refine_every,
+    def cluster(bundle, inputs, backend, precision, threads, threshold, tune_on, max_clusters, decay, refine_every,
                 state_dir, keep, use_labels, labels_file, output, batch_size, cache_dir):
         """Cluster images with BUNDLE and write one JSON line per image.
 
@@ -76,13 +79,14 @@ def register_cluster(main: click.Group) -> None:
         With --labels/--labels-file, ACC / ARI / NMI and the number of clusters are printed.
         """
         run_cluster_command(bundle, inputs, backend=backend, precision=precision, threads=threads,
-                            threshold=threshold, max_clusters=max_clusters, decay=decay,
+                            threshold=threshold, tune_on=tune_on, max_clusters=max_clusters, decay=decay,
                             refine_every=refine_every, state_dir=state_dir, keep=keep, use_labels=use_labels,
                             labels_file=labels_file, output=output, batch_size=batch_size, cache_dir=cache_dir)
 
 
 def run_cluster_command(bundle, inputs, *, backend, precision, threads, threshold, max_clusters, decay,
-                        refine_every, state_dir, keep, use_labels, labels_file, output, batch_size, cache_dir):
+                        refine_every, state_dir, keep, use_labels, labels_file, output, batch_size, cache_dir,
+                        tune_on=None):
     import sys
 
     import numpy as np
@@ -100,12 +104,18 @@ def run_cluster_command(bundle, inputs, *, backend, precision, threads, threshol
         raise click.UsageError("read either files or stdin ('-'), not both")
     if from_stdin and use_labels:
         raise click.UsageError("--labels needs labelled files; for stdin use --labels-file")
+    if tune_on and threshold:
+        raise click.UsageError("give either --threshold or --tune-threshold, not both")
     try:
         rt = Runtime(bundle, backend=backend, precision=precision, threads=threads, state_dir=state_dir,
                      cache_dir=cache_dir, keep=keep, threshold=threshold, max_clusters=max_clusters,
                      decay=decay, refine_every=refine_every)
         spec = rt.bundle.input_spec
         size, channels = (spec["height"], spec["width"]), spec["channels"]
+        if tune_on:
+            chosen = cc.tune_threshold(rt, tune_on, size, channels)
+            click.echo(f"threshold {chosen['threshold']:.4g} (x{chosen['factor']:g} the calibration rule), "
+                       f"picked without labels on {tune_on}", err=True)
         true = cc.read_labels_file(labels_file) if labels_file else None
         if from_stdin:
             batches, total = cc.stdin_batches(cc.stdin_binary(), size, channels), None

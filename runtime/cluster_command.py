@@ -111,6 +111,24 @@ def run_cluster(rt, batches, out: IO[str], batch_size: int, progress=None) -> di
     return {"ids": np.array(ids, np.int64), "seconds": time.perf_counter() - t0}
 
 
+def tune_threshold(rt, path, size, channels, max_images: int = 5000) -> dict:
+    """Pick the threshold on unlabelled images (threshold_search) and give the Runtime a fresh
+    clusterer with it. Refused on a resumed state, whose clusters were made with another one."""
+    from .clustering import StreamClusterer
+    from .threshold_search import select_threshold
+
+    if rt.clusterer.n_seen:
+        raise InputError("--tune-threshold starts a new clusterer; use a fresh --state folder")
+    images = load_inputs([str(path)], size, channels, with_labels=False)[0].images
+    images = rt.validate(images[np.random.default_rng(0).permutation(len(images))[:max_images]])
+    params = {k: v for k, v in rt.clusterer.get_params().items()
+              if k not in ("dim", "distance", "threshold", "merge_threshold")}
+    make = lambda th: StreamClusterer.from_bundle(rt.bundle, threshold=th, **params)
+    chosen = select_threshold(make, [rt.embed(images)], rt.clusterer.threshold)
+    rt.clusterer = make(chosen["threshold"])
+    return chosen
+
+
 def report_scores(rt, ids: np.ndarray, labels: np.ndarray) -> dict:
     from protoedge.metrics import clustering_scores
 

@@ -377,3 +377,20 @@ def test_cli_bad_input_is_a_clear_error_and_state_stays(bundle_dir, data, tmp_pa
     assert r.exit_code == 1, r.output
     assert "Error:" in r.output and expect in r.output and "Traceback" not in r.output
     assert {p.name: p.read_bytes() for p in state.iterdir()} == snapshot
+
+
+def test_cli_tunes_the_threshold_on_unlabelled_images(bundle_dir, data, tmp_path):
+    np.save(tmp_path / "unlabelled.npy", data[0][:120])
+    np.save(tmp_path / "stream.npy", data[0][120:])
+    r = CliRunner().invoke(main, ["cluster", str(bundle_dir), str(tmp_path / "stream.npy"), "--backend", "cpu",
+                                  "--tune-threshold", str(tmp_path / "unlabelled.npy"), "--state", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    assert "picked without labels" in r.output
+    tuned = StreamClusterer.load(tmp_path / "s")
+    default = Runtime(bundle_dir, backend="cpu").clusterer
+    factor = tuned.threshold / default.threshold
+    assert any(abs(factor - f) < 1e-6 for f in (0.7, 1.0, 1.3, 1.6, 2.0, 2.5, 3.0))
+    # a resumed state keeps its threshold: tuning again is refused
+    r2 = CliRunner().invoke(main, ["cluster", str(bundle_dir), str(tmp_path / "stream.npy"), "--backend", "cpu",
+                                   "--tune-threshold", str(tmp_path / "unlabelled.npy"), "--state", str(tmp_path / "s")])
+    assert r2.exit_code == 1 and "fresh --state" in r2.output
