@@ -186,6 +186,18 @@ def test_unavailable_backend_is_a_clear_error_not_a_silent_cpu_fallback(bundle):
         open_encoder(bundle, backend="gpu")
 
 
+def test_gpu_providers_keep_engine_and_timing_caches_on_a_persistent_path(tmp_path):
+    from protoedge.runtime.backends import OrtEncoder
+
+    providers = OrtEncoder._providers("ort-tensorrt", tmp_path, "fp16")
+    name, opts = providers[0]
+    assert name == "TensorrtExecutionProvider" and providers[-1] == "CPUExecutionProvider"
+    assert opts["trt_engine_cache_enable"] and opts["trt_timing_cache_enable"]
+    assert Path(opts["trt_engine_cache_path"]).is_dir()
+    assert Path(opts["trt_engine_cache_path"]).is_relative_to(tmp_path)
+    assert OrtEncoder._providers("cuda", tmp_path, "fp32")[0][0] == "CUDAExecutionProvider"
+
+
 def test_native_tensorrt_backend_on_a_gpu(bundle, data, tmp_path):
     pytest.importorskip("tensorrt")
     try:
