@@ -503,6 +503,10 @@ def write_markdown(res: dict, path: Path) -> None:
         else:
             L.append(f"| {name} | {s['import_s']:.3f} | {s['first_result_s']:.3f} | {s['rss_mb']:.0f} | "
                      f"{s['peak_rss_mb']:.0f} |")
+    L.append("\nImport is lazy for the runtime (names resolve on first use), so its first result includes "
+             "importing onnxruntime, verifying the bundle (sha256 of every file, opening every variant) and "
+             "creating the sessions; torch's first result is one forward pass of a model already built. Both "
+             "probes hold the Omniglot arrays (about 25 MB) in memory.")
     if "torch_imported" in st.get("runtime", {}):
         L.append(f"\ntorch imported by the runtime probe: {st['runtime']['torch_imported']}")
     qa = res.get("quality_a")
