@@ -338,8 +338,8 @@ def summary_lines(run: dict) -> list[str]:
 def demo_command(pretrained, bundle_path, time_budget, alphabets, seed, batch, backend, threshold, out, no_report):
     """Train briefly without labels, export, verify, and cluster never-seen alphabets; writes a report.
 
-    The README's first command (`make demo`). About 3-4 minutes on a 2-core CPU; with --pretrained
-    about half a minute.
+    The README's first command (`make demo`). About 2.5-3 minutes on a 2-core CPU; with --pretrained
+    about 10 seconds.
     """
     from . import rundir
     from .app_cli import report_or_explain
