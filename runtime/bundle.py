@@ -15,6 +15,7 @@ import shutil
 import tarfile
 import tempfile
 import weakref
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -223,22 +224,24 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike,
     except (tarfile.TarError, OSError) as e:
         raise BundleError(f"{archive}: not a readable tar archive ({e})") from None
     with tar:
+        # Members are read one at a time so a huge or endless archive stops at the first limit
+        # instead of being decompressed in full just to be listed.
+        members, total = [], 0
         try:
-            members = tar.getmembers()
-        except (tarfile.TarError, EOFError, OSError) as e:
+            for m in tar:
+                members.append(m)
+                if len(members) > max_members:
+                    raise BundleError(f"{archive}: more members than the limit of {max_members}")
+                if not _safe_relative(m.name):
+                    raise BundleError(f"{archive}: unsafe member path {m.name!r} (absolute or '..')")
+                if not (m.isfile() or m.isdir()):
+                    raise BundleError(f"{archive}: member {m.name!r} is a link or special file; bundles hold "
+                                      "only regular files")
+                total += m.size
+                if total > max_bytes:
+                    raise BundleError(f"{archive}: more than {max_bytes} bytes uncompressed")
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             raise BundleError(f"{archive}: corrupt archive ({e})") from None
-        if len(members) > max_members:
-            raise BundleError(f"{archive}: {len(members)} members, more than the limit of {max_members}")
-        total = 0
-        for m in members:
-            if not _safe_relative(m.name):
-                raise BundleError(f"{archive}: unsafe member path {m.name!r} (absolute or '..')")
-            if not (m.isfile() or m.isdir()):
-                raise BundleError(f"{archive}: member {m.name!r} is a link or special file; bundles hold "
-                                  "only regular files")
-            total += m.size
-            if total > max_bytes:
-                raise BundleError(f"{archive}: more than {max_bytes} bytes uncompressed")
         tops = {PurePosixPath(m.name).parts[0] for m in members}
         if len(tops) != 1:
             raise BundleError(f"{archive}: expected one top-level bundle folder, found {sorted(tops)}")

@@ -164,7 +164,7 @@ def _link(name: str, target: str, kind=tarfile.SYMTYPE) -> tuple:
     ([_file("bundle/manifest.json"), _link("bundle/x.onnx", "bundle/manifest.json", tarfile.LNKTYPE)],
      "link or special file"),
     ([_file("a/manifest.json"), _file("b/manifest.json")], "one top-level bundle folder"),
-    ([_file(f"bundle/f{i}") for i in range(100)], "more than the limit"),
+    ([_file(f"bundle/f{i}") for i in range(100)], "more members than the limit"),
 ])
 def test_unsafe_archives_are_refused_before_anything_is_written(tmp_path, members, message):
     archive = _tar_with(tmp_path, members)
@@ -181,6 +181,13 @@ def test_archive_size_limit(tmp_path):
     archive = _tar_with(tmp_path, [_file("bundle/big.bin", b"\0" * 5000)])
     with pytest.raises(BundleError, match="more than 1000 bytes"):
         safe_extract(archive, tmp_path / "out", max_bytes=1000)
+
+
+def test_truncated_archive(bundle_dir, tmp_path):
+    archive = pack_archive(bundle_dir, tmp_path / "b.tar.gz", _manifest(bundle_dir))
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(BundleError, match="corrupt archive|extraction failed"):
+        load_bundle(archive)
 
 
 def test_not_an_archive(tmp_path):
