@@ -213,3 +213,20 @@ def test_loading_a_bundle_never_imports_torch(bundle_dir):
             f"b = load_bundle({str(bundle_dir)!r}); assert b.output_spec['dim'] > 0; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_publish_replaces_a_bundle_but_never_other_folders(bundle_dir, tmp_path):
+    from protoedge.export.bundle_writer import publish
+
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "notes.txt").write_text("someone's files")
+    with pytest.raises(FileExistsError, match="not a bundle"):
+        publish(bundle_dir, target)
+    assert (target / "notes.txt").exists() and bundle_dir.exists()
+    old = tmp_path / "old"
+    shutil.copytree(bundle_dir, old)
+    (old / "stale.onnx").write_bytes(b"old")
+    publish(bundle_dir, old)
+    assert not (old / "stale.onnx").exists() and load_bundle(old).precisions
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "target"], "no leftovers beside the bundle"
