@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from protoedge.datasets import ImageSet
 from protoedge.fewshot import evaluate_episodes, l2_normalize
 from protoedge.metrics import clustering_scores
 
@@ -45,17 +44,3 @@ def kmeans_clustering(embeddings: np.ndarray, labels: np.ndarray, distance: str,
     k = n_clusters or len(np.unique(labels))
     pred = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(x.astype(np.float64))
     return {"k": k, **clustering_scores(labels, pred)}
-
-
-def score_images(encoder, data: ImageSet, distance: str, episodes: int = 1000, n_query: int = 15,
-                 refine: bool = False, clustering: bool = True, device="cpu", seed: int = 0) -> dict:
-    """Everything `protoedge eval` reports for one labelled test set."""
-    z = embed(encoder, data.images, device=device)
-    result = {"n_images": len(z), "n_classes": int(len(np.unique(data.labels))), "distance": distance,
-              "fewshot": fewshot_table(z, data.labels, distance, episodes=episodes, n_query=n_query, seed=seed)}
-    if refine:
-        result["fewshot_refined"] = fewshot_table(z, data.labels, distance, episodes=episodes,
-                                                  n_query=n_query, refine_steps=1, seed=seed)
-    if clustering:
-        result["clustering"] = kmeans_clustering(z, data.labels, distance, seed=seed)
-    return result
