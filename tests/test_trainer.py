@@ -259,3 +259,17 @@ def test_cli_user_errors_are_clear(tmp_path):
     assert r.exit_code != 0 and "comma-separated integers" in r.output
     r = runner.invoke(main, ["eval", str(good), "--protocol", "mnist", "--ways", "20", "--no-clustering"])
     assert r.exit_code != 0 and "only 10 test classes" in r.output
+
+
+@pytest.mark.slow
+def test_cli_resume_keeps_the_saved_config(tmp_path, monkeypatch):
+    from protoedge.trainer import train as train_mod
+
+    monkeypatch.setattr(train_mod, "validation_set", lambda protocol: None)
+    first = train_mod.train(tiny_config(aug_way=12), tmp_path / "a", progress=False, stop_at_step=2)
+    r = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "a"), "--resume", str(first), "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    _, meta = ckpt.load_checkpoint(tmp_path / "a" / "checkpoint.safetensors")
+    # not the CLI defaults (aug_way 256, time-budget steps): the run's own settings
+    assert meta["config"]["aug_way"] == 12 and meta["config"]["steps"] == 4
+    assert meta["state"]["stage"] == "done" and meta["state"]["step"] == 4

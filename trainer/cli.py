@@ -33,7 +33,8 @@ def register(main: click.Group, bench: click.Group) -> None:
                   help="Fixed number of meta steps instead of filling the budget (exactly reproducible).")
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--resume", type=click.Path(dir_okay=False), default=None,
-                  help="Continue from a checkpoint written by `train` (weights, optimizer, RNG, step).")
+                  help="Continue from a checkpoint written by `train` (weights, optimizer, RNG, step) with "
+                       "its saved config; --time-budget/--steps/--threads/--device/--set given here override it.")
     @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
     @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
                   help="bf16 autocast (CUDA, or CPUs with bf16 units) or plain fp32.")
@@ -66,15 +67,31 @@ def register(main: click.Group, bench: click.Group) -> None:
             import torch
             if not torch.cuda.is_available():
                 raise click.ClickException("--device cuda: no CUDA device is available (use --device auto)")
-        try:
-            cfg = recipe_config(recipe, protocol, seed=seed, time_budget_s=budget, steps=steps, device=device,
-                                precision=precision, threads=threads, **extra)
-        except (TypeError, ValueError) as e:
-            raise click.ClickException(f"bad configuration: {e}") from None
         if resume and not Path(resume).is_file():
             raise click.ClickException(f"--resume {resume}: no such checkpoint file")
-        from .checkpoint import CheckpointError, strip_checkpoint
+        from .checkpoint import CheckpointError, load_checkpoint, strip_checkpoint
+        from .config import TrainConfig
         from .train import train as run_training
+
+        try:
+            if resume:
+                # The run continues with its own config; only what is given on this command line changes.
+                ctx = click.get_current_context()
+                given = lambda name: ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+                try:
+                    saved = load_checkpoint(resume)[1]["config"]
+                except (CheckpointError, KeyError) as e:
+                    raise click.ClickException(f"--resume {resume}: {e or 'no training config in it'}") from None
+                changes = {**({"time_budget_s": budget} if given("time_budget") else {}),
+                           **({"steps": steps} if given("steps") else {}),
+                           **({"device": device} if given("device") else {}),
+                           **({"threads": threads} if given("threads") else {}), **extra}
+                cfg = TrainConfig.from_dict({**saved, **changes})
+            else:
+                cfg = recipe_config(recipe, protocol, seed=seed, time_budget_s=budget, steps=steps, device=device,
+                                    precision=precision, threads=threads, **extra)
+        except (TypeError, ValueError) as e:
+            raise click.ClickException(f"bad configuration: {e}") from None
 
         try:
             path = run_training(cfg, out, resume=resume)
