@@ -157,7 +157,7 @@ def register(main: click.Group, bench: click.Group) -> None:
             Path(json_out).write_text(json.dumps(result, indent=2))
 
     @bench.command(name="fewshot")
-    @click.option("--runs", type=click.Path(file_okay=False), default="runs/bench", show_default=True,
+    @click.option("--runs", type=click.Path(file_okay=False), default="runs", show_default=True,
                   help="Where the benchmark's training runs go.")
     @click.option("--quick", is_flag=True, help="Tiny budgets and 100 episodes: checks the pipeline, not the numbers.")
     @click.option("--only", multiple=True, help="Only these rows (names as in the table); others are kept from the last JSON.")
