@@ -146,3 +146,14 @@ def test_daemon_speaks_sd_notify_ready_after_warmup_watchdog_and_stopping(tmp_pa
         assert srv.proc.wait(30) == 0
     finally:
         srv.stop()
+
+
+def test_everything_the_dockerfile_copies_exists_and_covers_the_installed_packages():
+    copies = [rest.split() for k, rest in dockerfile_instructions() if k == "COPY"]
+    sources = [src for parts in copies for src in parts[:-1]]
+    for src in sources:
+        assert (REPO / src).exists(), f"Dockerfile.jetson copies {src}, which is not in the repository"
+    # pyproject's package folders must all be in the image, or `pip install .` fails there.
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    dirs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
+    assert {d.rstrip("/") for d in dirs} <= {s.rstrip("/") for s in sources}
