@@ -65,10 +65,15 @@ def validation_set(protocol: str) -> datasets.ImageSet | None:
 
 
 def code_version() -> str:
+    """The commit the trainer code came from, '+modified' when trainer/ differs from it.
+    Taken when the run starts: the code a process runs is the code it loaded."""
+    here = Path(__file__).parent
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5)
-        return out.stdout.strip() or "unknown"
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=here, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], capture_output=True, text=True,
+                               cwd=here, timeout=5).stdout.strip()
+        return (head + ("+modified" if dirty else "")) or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -97,6 +102,7 @@ class Run:
         self.elapsed = 0.0  # seconds of training so far, over all sessions
         self.stage_start = 0.0  # elapsed when the current stage began
         self.partitions: list[np.ndarray] = []
+        self.code_version = code_version()
         self.next_cluster = cfg.cluster_start
         self.refreshes = 0  # k-means refreshes so far (picks the partition to rebuild next)
         self.next_val = cfg.val_every
@@ -115,7 +121,7 @@ class Run:
             "temperature_definition": "logits = -temperature * squared Euclidean distance "
                                       "(on L2-normalised embeddings when distance is cosine)",
             "config": self.cfg.to_dict(),
-            "code_version": code_version(),
+            "code_version": self.code_version,
             "state": {"stage": self.stage, "step": self.step, "total_steps": self.total_steps,
                       "elapsed": self.elapsed, "stage_start": self.stage_start,
                       "next_cluster": self.next_cluster, "next_val": self.next_val, "refreshes": self.refreshes,
