@@ -162,14 +162,14 @@ def contingency(table: np.ndarray, path: Path) -> Path:
 
 
 def latency_histogram(latency_ms: np.ndarray, path: Path, marks: dict[str, float] | None = None) -> Path:
-    """Per-image latency; `marks` (e.g. p50/p99 from run.json) are drawn as labelled lines."""
+    """Per-image latency; `marks` {legend text: ms} (p50/p99 from run.json, written as the page
+    writes them) are drawn as vertical lines."""
     x = np.asarray(latency_ms, dtype=np.float64)
     fig, axes = _figure("latency")
     ax = axes[0, 0]
     ax.hist(x, bins=60, color="#4878a8")
-    for (name, value), style in zip((marks or {}).items(), ("--", ":", "-.", "-")):
-        if value is not None:
-            ax.axvline(value, color="#c03030", ls=style, lw=1.2, label=f"{name} {value:.3g} ms")
+    for (label, value), style in zip((marks or {}).items(), ("--", ":", "-.", "-")):
+        ax.axvline(value, color="#c03030", ls=style, lw=1.2, label=label)
     if marks:
         ax.legend(fontsize=8)
     ax.set_xlabel("latency per image (ms)")

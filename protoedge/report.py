@@ -114,7 +114,8 @@ def figure_jobs(run_dir: Path, run: dict, records: list[dict], stream: dict | No
                                             out / "contingency.png")))
     if stream is not None and "latency_ms" in stream:
         lat = run.get("latency_ms", {})
-        marks = {k: lat[k] for k in ("p50", "p99") if isinstance(lat.get(k), (int, float))}
+        marks = {f"{k} {format_value(lat[k])} ms": lat[k] for k in ("p50", "p99")
+                 if isinstance(lat.get(k), (int, float))}
         jobs.append(("latency", "Latency", "Per-image latency of the runtime over the stream.",
                      lambda: fg.latency_histogram(stream["latency_ms"], out / "latency.png", marks)))
     return jobs
