@@ -15,8 +15,9 @@ single-pass limit of DP-means (Kulis & Jordan 2012) as used by Online ProtoNet /
 
 Distances follow the bundle: ``cosine`` = squared Euclidean between L2-normalised vectors
 (2 - 2 cos), ``sqeuclidean`` = squared Euclidean on raw embeddings. Prototypes live in a
-preallocated matrix that doubles when full, with their squared norms cached, so the search is one
-matrix-vector product (brute force beats ANN indexes below ~10k prototypes).
+preallocated matrix that doubles when full, with their squared norms cached; a batch is scored
+with one matrix product whose columns are patched as prototypes move (brute force beats ANN
+indexes below ~10k prototypes).
 """
 from __future__ import annotations
 
