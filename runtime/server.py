@@ -328,7 +328,7 @@ class Daemon:
         if cfg.port is not None:
             site = web.TCPSite(runner, cfg.host, cfg.port, backlog=256)
             await site.start()
-            port = site._server.sockets[0].getsockname()[1] if cfg.port == 0 else cfg.port
+            port = runner.addresses[0][1] if cfg.port == 0 else cfg.port  # 0: the kernel picked one
             where.append(f"http://{cfg.host}:{port}")
         if cfg.socket_path:
             site = web.SockSite(runner, unix_listener(cfg.socket_path))
