@@ -161,12 +161,9 @@ def register_bench_runtime(bench: click.Group) -> None:
     @click.option("--quick", is_flag=True, help="Fewer repeats and streams (a smoke run, not for the record).")
     def bench_runtime(bundle, mnist_bundle, results, streams, repeats, quick):
         """Runtime speed (vs bare onnxruntime and eager torch) and stream clustering quality."""
-        script = Path(__file__).resolve().parent.parent / "benchmarks" / "runtime.py"
-        if not script.is_file():
-            raise click.ClickException(f"{script} not found: the benchmarks need a source checkout")
-        spec = importlib.util.spec_from_file_location("protoedge_bench_runtime", script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        from protoedge.bench_scripts import load_bench_script
+
+        module = load_bench_script("runtime")
         try:
             md = module.run(bundle=bundle, mnist_bundle=mnist_bundle, results=results, streams=streams,
                             repeats=repeats, quick=quick)

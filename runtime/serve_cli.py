@@ -109,12 +109,7 @@ def serve(bundle, host, port, socket_path, state_dir, backend, precision, thread
               help="Measure the daemon with this fsync policy, or with each in turn.")
 def bench_daemon(bundle, out_dir, seconds, n_latency, threads, fsync):
     """Daemon latency/throughput on loopback vs the runtime in-process; writes daemon.md/.json."""
-    import importlib.util
+    from protoedge.bench_scripts import load_bench_script
 
-    script = REPO / "benchmarks" / "daemon.py"
-    if not script.is_file():
-        raise click.ClickException(f"{script} not found: run the benchmark from a source checkout")
-    spec = importlib.util.spec_from_file_location("protoedge_bench_daemon", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench_script("daemon")
     module.run_benchmark(bundle=bundle, out_dir=out_dir, seconds=seconds, n_latency=n_latency, threads=threads, fsync=fsync)

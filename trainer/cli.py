@@ -163,12 +163,7 @@ def register(main: click.Group, bench: click.Group) -> None:
     @click.option("--only", multiple=True, help="Only these rows (names as in the table); others are kept from the last JSON.")
     def bench_fewshot(runs, quick, only):
         """Few-shot table: baselines, recipes, supervised ceiling, published anchors."""
-        import importlib.util
+        from protoedge.bench_scripts import load_bench_script
 
-        script = Path(__file__).resolve().parent.parent / "benchmarks" / "fewshot.py"
-        if not script.is_file():
-            raise click.ClickException(f"{script}: benchmark script not found (run from a source checkout)")
-        spec = importlib.util.spec_from_file_location("protoedge_bench_fewshot", script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = load_bench_script("fewshot")
         module.run(runs_dir=runs, quick=quick, only=list(only))
