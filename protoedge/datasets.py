@@ -130,18 +130,26 @@ def load_split(protocol: str, part: str) -> ImageSet:
 
 # ----------------------------------------------------------------------------- user data
 
+def pil_to_pixels(im, size: tuple[int, int], channels: int) -> np.ndarray:
+    """A Pillow image -> uint8 [C, H, W]: converted to the model's channels, resized to (H, W).
+    Shared by the folder loader and the daemon's PNG/JPEG bodies, so both see the same pixels."""
+    from PIL import Image
+
+    im = im.convert("L" if channels == 1 else "RGB")
+    if im.size != (size[1], size[0]):
+        im = im.resize((size[1], size[0]), Image.BILINEAR)
+    arr = np.asarray(im, dtype=np.uint8)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
 def _read_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            if im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+            return pil_to_pixels(im, size, channels)
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DataError(f"{path}: cannot read image ({e})") from None
-    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
 def _fit_array(arr: np.ndarray, source: str, size, channels) -> np.ndarray:

@@ -13,6 +13,8 @@ import json
 
 import numpy as np
 
+from protoedge.datasets import pil_to_pixels
+
 from .errors import InputError
 from .validation import validate_pixels
 
@@ -89,17 +91,13 @@ def parse_image(body: bytes, channels: int, height: int, width: int) -> np.ndarr
         if im.format == "PNG":
             # Decoding alone does not check the chunk CRCs, so a damaged PNG could pass as an image.
             Image.open(io.BytesIO(body)).verify()
-        im = im.convert("L" if channels == 1 else "RGB")
-        if im.size != (width, height):
-            im = im.resize((width, height), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.uint8)
+        arr = pil_to_pixels(im, (height, width), channels)
     except InputError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             EOFError) as e:
         raise InputError(f"unreadable image ({type(e).__name__}: {e})") from None
-    arr = arr[None, None] if channels == 1 else arr.transpose(2, 0, 1)[None]
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(arr[None])
 
 
 def decode_pixels(body: bytes, content_type: str, input_spec: dict, max_images: int) -> np.ndarray:
