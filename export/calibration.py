@@ -13,6 +13,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from protoedge.fewshot import l2_normalize
+
 SAME_ITEM_QUANTILES = (0.5, 0.9, 0.95, 0.99)
 DIFFERENT_ITEM_QUANTILES = (0.01, 0.05, 0.1, 0.5)
 THRESHOLD_RULE = "midpoint of same_item q0.95 and different_item q0.05"
@@ -41,7 +43,7 @@ def mild_views(images: np.ndarray, seed: int, rotate_deg: float = 8.0, scale: fl
 def device_space(embeddings: np.ndarray, distance: str) -> np.ndarray:
     x = embeddings.astype(np.float64)
     if distance == "cosine":
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return l2_normalize(x)
     if distance == "sqeuclidean":
         return x
     raise ValueError(f"unknown distance {distance!r}")
