@@ -93,3 +93,16 @@ def test_cli_help_lists_every_command():
 def test_cli_entry_point_runs_as_a_process():
     out = subprocess.run([sys.executable, "-m", "protoedge.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "protoedge" in out.stdout
+
+
+def test_torch_commands_without_torch_name_the_extra(tmp_path):
+    # sys.modules["torch"] = None makes every `import torch` fail, as on a device install.
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from click.testing import CliRunner\n"
+            "from protoedge.cli import main\n"
+            f"for args in (['train', '--out', r'{tmp_path}'], ['eval', 'x.safetensors'], ['bench', 'fewshot']):\n"
+            "    r = CliRunner().invoke(main, args)\n"
+            "    assert r.exit_code != 0 and 'protoedge[train]' in r.output, (args, r.output, r.exception)\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr + out.stdout

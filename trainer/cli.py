@@ -4,6 +4,8 @@ from pathlib import Path
 
 import click
 
+from protoedge._deps import require_torch
+
 PROTOCOLS = ("omniglot-a", "omniglot-b", "mnist")
 
 
@@ -46,6 +48,7 @@ def register(main: click.Group, bench: click.Group) -> None:
     def train(protocol, out, recipe, time_budget, steps, seed, resume, device, precision, threads,
               overrides, save_to):
         """Meta-learn the encoder without labels (autoencoder, then ProtoNet on pseudo-tasks)."""
+        require_torch()
         from .config import parse_duration, recipe_config
 
         try:
@@ -120,6 +123,7 @@ def register(main: click.Group, bench: click.Group) -> None:
     def eval_(checkpoint, protocol, ways, shots, episodes, queries, refine, no_clustering, seed, json_out):
         """Few-shot accuracy and clustering of novel classes for a checkpoint."""
         ways, shots = _int_list(ways, "--ways"), _int_list(shots, "--shots")
+        require_torch()
         from .checkpoint import CheckpointError, load_encoder
         from .evaluate import embed, fewshot_table, kmeans_clustering
         from protoedge import datasets
@@ -163,6 +167,7 @@ def register(main: click.Group, bench: click.Group) -> None:
     @click.option("--only", multiple=True, help="Only these rows (names as in the table); others are kept from the last JSON.")
     def bench_fewshot(runs, quick, only):
         """Few-shot table: baselines, recipes, supervised ceiling, published anchors."""
+        require_torch()
         from protoedge.bench_scripts import load_bench_script
 
         module = load_bench_script("fewshot")
