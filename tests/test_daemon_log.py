@@ -111,6 +111,49 @@ def test_a_gap_between_snapshot_and_log_is_refused(tmp_path):
         UpdateLog(tmp_path).recover(0)
 
 
+def _crashed_preallocated_segment(tmp_path, n: int):
+    """A preallocated segment with n synced records, left as a kill -9 leaves it (not closed)."""
+    log = UpdateLog(tmp_path, prealloc_bytes=1 << 16)
+    log.recover(0)
+    _fill(log, n, np.random.default_rng(5))
+    (seg,) = tmp_path.glob("*.log")
+    end = log.size_bytes()
+    assert seg.stat().st_size == 1 << 16 and end < 1 << 16, "records are written over preallocated zeros"
+    assert seg.read_bytes()[end:] == bytes((1 << 16) - end)
+    os.close(log._fd)  # the process died: no close(), no truncation of the zeros
+    return seg, end
+
+
+def test_the_zeros_after_the_last_record_of_a_preallocated_segment_end_it_cleanly(tmp_path):
+    seg, end = _crashed_preallocated_segment(tmp_path, 3)
+    again = UpdateLog(tmp_path, prealloc_bytes=1 << 16)
+    assert [r.seq for r in again.recover(0)] == [1, 2, 3]
+    assert seg.stat().st_size == end, "the unused zeros are dropped (nothing is appended to an old segment)"
+    again.open_segment()  # writing resumes in a new segment after the records
+    again.append("fit", {}, [np.ones((1, 8), np.float32)])
+    again.close()
+    assert [r.seq for r in UpdateLog(tmp_path).recover(0)] == [1, 2, 3, 4]
+    assert [p.stat().st_size for p in sorted(tmp_path.glob("*.log"))][0] == end
+
+
+@pytest.mark.parametrize("tail", ["torn", "after_zeros", "garbage_after_zeros"])
+def test_a_torn_record_in_a_preallocated_segment_is_cut(tmp_path, tail):
+    seg, end = _crashed_preallocated_segment(tmp_path, 3)
+    data = bytearray(seg.read_bytes())
+    record = data[_record_ends(bytes(data[:end]))[1]:end]  # a whole valid-looking record (the third)
+    if tail == "torn":  # a fourth record torn mid-write over the zeros
+        fourth = bytearray(record)
+        fourth[4:12] = (4).to_bytes(8, "little")
+        data[end:end + len(fourth) // 2] = fourth[:len(fourth) // 2]
+    elif tail == "after_zeros":  # a record that reached the disk while the one before it did not
+        data[end + 512:end + 512 + len(record)] = record
+    else:
+        data[-100:-90] = os.urandom(10)
+    seg.write_bytes(bytes(data))
+    assert [r.seq for r in UpdateLog(tmp_path).recover(0)] == [1, 2, 3]
+    assert seg.stat().st_size == end
+
+
 def test_unknown_fsync_policy_is_refused(tmp_path):
     with pytest.raises(LogError):
         UpdateLog(tmp_path, fsync="sometimes")
