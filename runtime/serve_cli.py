@@ -37,8 +37,9 @@ def register(main: click.Group, bench: click.Group) -> None:
               help="Require 'Authorization: Bearer <token>' (file content) on every route but the health probes.")
 @click.option("--max-batch", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="Most images per encoder call (micro-batch).")
-@click.option("--max-wait-ms", type=click.FloatRange(0, 1000), default=2.0, show_default=True,
-              help="Longest a micro-batch waits for requests still being read.")
+@click.option("--max-wait-ms", type=click.FloatRange(0, 1000), default=0.0, show_default=True,
+              help="Longest a micro-batch waits for requests whose bodies are still being read (0: the "
+                   "worker starts on whatever is queued as soon as it is free).")
 @click.option("--max-queue", type=click.IntRange(1, 1 << 20), default=256, show_default=True,
               help="Requests waiting or being read; beyond it the answer is 503 + Retry-After.")
 @click.option("--max-queue-mb", type=click.FloatRange(0.001, 65536), default=64.0, show_default=True,

@@ -4,9 +4,11 @@
     -> serve -> SIGTERM/SIGINT: stop accepting, finish in-flight requests, drain the queue,
        snapshot, exit 0
 
-One worker thread owns the encoder and the clusterer; the asyncio loop (aiohttp) only parses
-HTTP, decodes bodies and forms micro-batches, so state changes are totally ordered and the update
-log replays them exactly.
+One worker thread owns the encoder, the clusterer and the update log; the asyncio loop (aiohttp)
+only parses HTTP and decodes bodies. The worker runs micro-batches back to back (continuous
+batching: server_batcher.py), writes one log record and does one fdatasync per batch (group
+commit) and answers the whole batch in one hand-off to the loop. State changes are totally
+ordered and the update log replays them exactly.
 """
 from __future__ import annotations
 
@@ -26,8 +28,7 @@ from pathlib import Path
 import numpy as np
 from aiohttp import web
 
-from .server_batcher import MicroBatcher
-from .server_durability import GroupCommit
+from .server_batcher import Worker
 from .server_codec import parse_image
 from .server_metrics import DaemonMetrics
 from .server_notify import notify, watchdog_interval
@@ -55,7 +56,7 @@ class ServerConfig:
     cache_dir: str | None = None
     token_file: str | None = None
     max_batch: int = 64
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 0.0
     max_queue: int = 256
     max_queue_bytes: int = 64 * 1024 * 1024
     max_body_bytes: int = 8 * 1024 * 1024
@@ -151,13 +152,12 @@ class Daemon:
         self.ready = False
         self.draining = False
         self.exit_code = 0
-        self.batcher: MicroBatcher | None = None
-        self.committer: GroupCommit | None = None
         self._runner = None
-        # One thread owns the model state; a second decodes PNG/JPEG off the event loop.
-        self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="protoedge-worker")
+        # One thread owns the model state (created with the event loop); a second decodes
+        # PNG/JPEG off the event loop.
+        self.worker: Worker | None = None
         self.decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="protoedge-decode")
-        self.metrics = DaemonMetrics(queue_depth=lambda: self.batcher.depth if self.batcher else 0,
+        self.metrics = DaemonMetrics(queue_depth=lambda: self.worker.depth if self.worker else 0,
                                      clusters=lambda: self.state.clusterer.n_clusters
                                      if self.state and self.state.clusterer else 0,
                                      log_bytes=lambda: self.state.log.size_bytes()
@@ -169,25 +169,24 @@ class Daemon:
 
     # ------------------------------------------------------------------ worker-thread helpers
 
+    @property
+    def batcher(self) -> Worker | None:
+        return self.worker
+
     async def call(self, fn):
         """Run fn(state) on the worker thread (ordered with every batch and mutation)."""
-        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, self.state)
+        return await self.worker.call(lambda: fn(self.state))
 
     async def call_mutation(self, fn):
-        """fn(state) on the worker thread; answers (result, seq) once the update is durable."""
-        def run(state):
+        """fn(state) on the worker thread, where the state method logs and commits (fsync with
+        policy always) before returning; answers (result, seq) once the update is durable."""
+        def run():
             try:
-                return fn(state), state.seq
+                return fn(self.state), self.state.seq
             except PersistError:
                 self.fail("the update log cannot be written")
                 raise
-        result, seq = await self.call(run)
-        await self._durable(seq)
-        return result, seq
-
-    async def _durable(self, seq: int) -> None:
-        if self.committer is not None:
-            await self.committer.durable(seq)
+        return await self.worker.call(run)
 
     async def in_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.decoder, fn, *args)
@@ -197,30 +196,13 @@ class Daemon:
         return await self.in_thread(parse_image, body, s["channels"], s["height"], s["width"])
 
     def _process(self, jobs):
-        """Worker thread: one micro-batch -> (results, last log sequence written)."""
+        """Worker thread: one micro-batch -> one result per job, once its updates are durable
+        (run_batch writes the batch's log records and commits them: one fdatasync per batch)."""
         try:
-            results = self.state.run_batch(jobs, self.config.max_batch)
-            if self.committer is not None and self.batcher.depth == 0 and self.batcher.last_peers <= 1:
-                # A lone client: nothing can queue behind this batch, so nothing gains from
-                # overlapping; fsync here and save two thread hand-offs. With more clients the
-                # group commit lets the next batch run while this one's fsync is in flight.
-                self.state.log.sync()
-            return results, self.state.seq
+            return self.state.run_batch(jobs, self.config.max_batch)
         except (PersistError, OSError) as e:
             self.fail("the update log cannot be written")
-            return [e if isinstance(e, PersistError) else PersistError(str(e))] * len(jobs), 0
-
-    async def _settle(self, processed):
-        """Loop: hold the answers of a batch until its log records are on disk."""
-        if not isinstance(processed, tuple):  # the batch failed as a whole
-            return processed
-        results, seq = processed
-        await self._durable(seq)
-        return results
-
-    def _peers(self) -> int:
-        server = self._runner.server if self._runner is not None else None
-        return len(server.connections) if server is not None else 1
+            return [e if isinstance(e, PersistError) else PersistError(str(e))] * len(jobs)
 
     def _on_batch(self, n_images: int, seconds: float) -> None:
         self.metrics.batch_size.observe(n_images)
@@ -273,6 +255,9 @@ class Daemon:
     async def run(self) -> int:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        cfg = self.config
+        self.worker = Worker(self._loop, self._process, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue,
+                             cfg.max_queue_bytes, on_batch=self._on_batch)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)
         from .server_routes import build_app
@@ -292,24 +277,17 @@ class Daemon:
         log.info("listening on %s; building the engine (backend %s)", ", ".join(where), self.config.backend)
         t0 = time.perf_counter()
         try:
-            built = await self._loop.run_in_executor(self.worker, self._build)
+            built = await self.worker.call(self._build)
         except Exception as e:
             for t in tasks:
                 t.cancel()
             log.error("could not start: %s", e)
             print(f"protoedge serve: could not start: {e}", file=sys.stderr, flush=True)
             await runner.cleanup()
+            await self.worker.stop()
             self._unlink_socket()
             return 1
         self.metrics.engine_build.set(built)
-        if self.state.log is not None and self.config.fsync == "always":
-            self.state.defer_sync = True
-            self.committer = GroupCommit(self.state.log, self._loop,
-                                         on_failure=lambda: self.fail("the update log cannot be fsynced"))
-        self.batcher = MicroBatcher(self._process, self.worker, self.config.max_batch, self.config.max_wait_ms,
-                                    self.config.max_queue, self.config.max_queue_bytes, on_batch=self._on_batch,
-                                    settle=self._settle, peers=self._peers)
-        self.batcher.start()
         self.ready = True
         self.metrics.ready.set(1)
         self.metrics.log_seq.set(self.state.seq)
@@ -343,14 +321,12 @@ class Daemon:
         for t in tasks:
             t.cancel()
         await runner.cleanup()          # stops listening, waits for handlers still running
-        await self.batcher.drain_and_stop()
-        if self.committer is not None:
-            self.committer.stop()
+        # The worker's queue is FIFO: the snapshot comes after every batch still queued.
         if self.exit_code == 0 and self.state.log is not None:
             info = await self.call(lambda s: s.snapshot())
             log.info("final snapshot at sequence %d: %s", info["seq"], info["path"])
         await self.call(lambda s: s.close())
-        self.worker.shutdown(wait=True)
+        await self.worker.stop()
         self.decoder.shutdown(wait=True)
         self._unlink_socket()
         print(f"protoedge serve: stopped (exit {self.exit_code})", file=sys.stderr, flush=True)

@@ -1,17 +1,27 @@
-"""Micro-batching: concurrent requests share one encoder call, behind a bounded queue.
+"""The daemon's worker thread: continuous micro-batching behind a bounded queue.
 
-Batches form by themselves while the engine is busy: everything that queued up during the
-previous call goes into the next one (up to max_batch images). The batcher waits up to max_wait
-for more only while bodies are still being read or connected clients have nothing in the batch
-yet, so a lone client never pays the wait. admit() is called before a body is read and raises
-Overloaded (the caller answers 503) when max_queue requests or max_queue_bytes of bodies are
-already held: memory stays bounded whatever the load.
+One thread owns the encoder and the clusterer. It takes whatever requests are queued (up to
+max_batch images) the moment it is free, runs encoder + clusterer + log write + fsync for all of
+them, hands the answers back to the event loop in one call, and starts again with whatever queued
+meanwhile. An idle worker starts on a request at once: a lone client never waits for a batch to
+fill, and under load the batch grows by itself to what arrived during the previous one (as in
+Triton's dynamic batcher with no queue delay). max_wait (0 by default) is only an upper bound on
+waiting for requests whose bodies are being read.
+
+Other work on the state (reads, label/merge/remove, snapshots) is queued as a call that runs
+alone, in order with the batches, so every state change is totally ordered.
+
+admit() is called on the event loop before a body is read and raises Overloaded (answered 503)
+when max_queue requests or max_queue_bytes of bodies are already held: memory stays bounded
+whatever the load. The ORT session and os.fdatasync release the GIL, so the event loop keeps
+reading and parsing requests while a batch runs.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import logging
+import threading
 import time
 
 log = logging.getLogger(__name__)
@@ -21,42 +31,46 @@ class Overloaded(Exception):
     pass
 
 
-class MicroBatcher:
-    def __init__(self, process, executor, max_batch: int = 64, max_wait_ms: float = 2.0, max_queue: int = 256,
-                 max_queue_bytes: int = 64 << 20, on_batch=None, settle=None, peers=None):
-        """process(jobs) -> results runs on executor (one thread: it owns the model state).
-        settle(results) -> results, a coroutine, runs before the answers go out (e.g. wait for the
-        fsync) without holding up the next batch. peers() -> how many clients are connected: the
-        batch waits (at most max_wait) for more requests only while fewer than that are in it.
-        The queue is bounded twice: max_queue requests and max_queue_bytes of request bodies
-        (read, being read or waiting), whichever is reached first."""
+class _Call:
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn, future):
+        self.fn, self.future = fn, future
+
+
+class Worker:
+    def __init__(self, loop: asyncio.AbstractEventLoop, process, max_batch: int = 64, max_wait_ms: float = 0.0,
+                 max_queue: int = 256, max_queue_bytes: int = 64 << 20, on_batch=None, name: str = "protoedge-worker"):
+        """process(jobs) -> one result (a value or an exception) per job; runs on the worker
+        thread and returns only once the batch's updates are as durable as the policy says.
+        on_batch(n_images, seconds) runs on the event loop after each batch."""
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and max_queue must be >= 1, max_wait_ms >= 0")
-        self.process, self.executor = process, executor
+        self.loop, self.process, self.on_batch = loop, process, on_batch
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
         self.max_queue_bytes = max_queue_bytes
-        self.held_bytes = 0  # bodies admitted and not answered yet
-        self.last_peers = 1  # connected clients when the last batch formed (read by the worker)
-        self.on_batch = on_batch
-        self.settle = settle
-        self.peers = peers or (lambda: 1)
-        self._delivering: set[asyncio.Task] = set()
-        self.arriving = 0  # requests whose body is being read; they will submit soon
-        self.busy = False
+        self.held_bytes = 0   # bodies admitted and not answered yet (event loop only)
+        self.arriving = 0     # requests whose body is being read; they will submit soon
         self._items: collections.deque = collections.deque()
-        self._wake = asyncio.Event()
+        self._cv = threading.Condition(threading.Lock())
+        self._idle = False
         self._stopping = False
-        self._task: asyncio.Task | None = None
+        self._closed = False
+        self._done: asyncio.Future = loop.create_future()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
 
     @property
     def depth(self) -> int:
         return len(self._items)
 
+    # ------------------------------------------------------------------ event loop side
+
     def admit(self, nbytes: int) -> None:
         """Reserve a place for a body of nbytes before reading it: refuse early instead of
         buffering it. Pair with submit() (which frees the place when answered) or release()."""
-        if (len(self._items) + self.arriving >= self.max_queue
-                or (self.held_bytes and self.held_bytes + nbytes > self.max_queue_bytes)):
+        if self._stopping or (len(self._items) + self.arriving >= self.max_queue
+                              or (self.held_bytes and self.held_bytes + nbytes > self.max_queue_bytes)):
             raise Overloaded()
         self.arriving += 1
         self.held_bytes += nbytes
@@ -69,93 +83,118 @@ class MicroBatcher:
         """Queue a job admitted with nbytes and wait for its result; exceptions are re-raised."""
         self.arriving -= 1
         try:
-            if self._stopping:
-                raise Overloaded()
-            job.future = asyncio.get_running_loop().create_future()
-            self._items.append(job)
-            self._wake.set()
-            result = await job.future
+            job.future = fut = self.loop.create_future()
+            self._put(job)
+            result = await fut
         finally:
             self.held_bytes -= nbytes
         if isinstance(result, BaseException):
             raise result
         return result
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+    async def call(self, fn):
+        """fn() on the worker thread, alone and in order with the batches; its result or exception."""
+        fut = self.loop.create_future()
+        self._put(_Call(fn, fut))
+        return await fut
 
-    async def drain_and_stop(self) -> None:
-        """Finish what was queued, then stop."""
-        self._stopping = True
-        self._wake.set()
-        if self._task is not None:
-            await self._task
-        while self._delivering:
-            await asyncio.gather(*self._delivering, return_exceptions=True)
+    def _put(self, item) -> None:
+        with self._cv:
+            if self._closed:
+                raise Overloaded()
+            self._items.append(item)
+            if self._idle:
+                self._cv.notify()
 
-    async def _next_batch(self) -> list:
-        loop = asyncio.get_running_loop()
-        batch = [self._items.popleft()]
-        n = batch[0].n
-        peers = self.last_peers = self.peers()
-        deadline = loop.time() + self.max_wait
-        while n < self.max_batch:
-            if self._items:
-                if n + self._items[0].n > self.max_batch:
-                    break
-                job = self._items.popleft()
-                batch.append(job)
-                n += job.n
-                continue
-            remaining = deadline - loop.time()
-            # Wait only if more requests can come: bodies being read, or connected clients that
-            # have nothing in this batch yet. A lone client never waits.
-            if remaining <= 0 or self._stopping or (self.arriving == 0 and len(batch) >= peers):
-                break
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except asyncio.TimeoutError:
-                break
-        return batch
+    async def stop(self) -> None:
+        """Finish everything queued, then end the thread."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        await self._done
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._items:
+    # ------------------------------------------------------------------ worker thread
+
+    def _take(self):
+        """Block until there is work; a _Call alone, or the queued jobs up to max_batch images."""
+        with self._cv:
+            while not self._items:
                 if self._stopping:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            batch = await self._next_batch()
-            self.busy = True
-            t0 = time.perf_counter()
-            try:
-                results = await loop.run_in_executor(self.executor, self.process, batch)
-            except Exception as e:  # the engine or the disk failed: every job of the batch learns it
-                log.exception("micro-batch of %d requests failed", len(batch))
-                results = [e] * len(batch)
-            finally:
-                self.busy = False
-            if self.on_batch is not None:
-                self.on_batch(sum(j.n for j in batch), time.perf_counter() - t0)
-            if self.settle is None:
-                self._answer(batch, results)
-            else:
-                task = loop.create_task(self._settle_and_answer(batch, results))
-                self._delivering.add(task)
-                task.add_done_callback(self._delivering.discard)
+                    self._closed = True  # under the lock: nothing can be queued after this
+                    return None
+                self._idle = True
+                self._cv.wait()
+                self._idle = False
+            if isinstance(self._items[0], _Call):
+                return self._items.popleft()
+            batch, n = self._fill([], 0)
+            if self.max_wait and n < self.max_batch and self.arriving > 0:
+                # Bodies are being read: wait for them, but never longer than max_wait.
+                deadline = time.monotonic() + self.max_wait
+                while n < self.max_batch and self.arriving > 0 and not self._stopping:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._idle = True
+                    self._cv.wait(remaining)
+                    self._idle = False
+                    batch, n = self._fill(batch, n)
+            return batch
 
-    async def _settle_and_answer(self, batch, results) -> None:
+    def _fill(self, batch: list, n: int):
+        items = self._items
+        while items and not isinstance(items[0], _Call):
+            k = items[0].n
+            if batch and n + k > self.max_batch:
+                break
+            batch.append(items.popleft())
+            n += k
+        return batch, n
+
+    def _run(self) -> None:
         try:
-            results = await self.settle(results)
-        except Exception as e:
-            results = [e] * len(batch)
-        self._answer(batch, results)
+            while True:
+                work = self._take()
+                if work is None:
+                    return
+                if isinstance(work, _Call):
+                    try:
+                        value, error = work.fn(), None
+                    except BaseException as e:  # noqa: BLE001 (handed to the caller)
+                        value, error = None, e
+                    self._deliver(_settle_call, work.future, value, error)
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    results = self.process(work)
+                except Exception as e:  # the engine or the disk failed: every job of the batch learns it
+                    log.exception("micro-batch of %d requests failed", len(work))
+                    results = [e] * len(work)
+                self._deliver(self._answer, work, results, time.perf_counter() - t0)
+        finally:
+            with self._cv:
+                self._closed = True
+            self._deliver(_settle_call, self._done, None, None)
 
-    @staticmethod
-    def _answer(batch, results) -> None:
+    def _deliver(self, fn, *args) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def _answer(self, batch, results, seconds: float) -> None:
+        """Event loop: one call per batch resolves every request of it."""
         for job, res in zip(batch, results):
             if not job.future.done():
                 job.future.set_result(res)
+        if self.on_batch is not None:
+            self.on_batch(sum(j.n for j in batch), seconds)
+
+
+def _settle_call(fut: asyncio.Future, value, error) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(value)

@@ -103,7 +103,6 @@ class DaemonState:
         self.snapshot_seq = 0
         self.replayed = 0
         self._thumb_key = None
-        self.defer_sync = False
         self._lock_fd = None
 
     # ------------------------------------------------------------------ start
@@ -206,9 +205,9 @@ class DaemonState:
         return result
 
     def commit(self) -> None:
-        """Durability point of a batch. With defer_sync the caller waits for the fsync itself
-        (the daemon's group commit), so this thread can go on with the next batch."""
-        if self.log is not None and not (self.defer_sync and self.log.policy == "always"):
+        """Durability point of a batch (group commit: one fdatasync for all of its records, with
+        policy always), before any of its requests is answered."""
+        if self.log is not None:
             try:
                 self.log.commit()
             except OSError as e:
