@@ -50,66 +50,177 @@ def _cpu_seconds() -> float:
     return t.user + t.system
 
 
+def _request_bytes(url: str, bodies: list[bytes]) -> list[bytes]:
+    """Whole HTTP/1.1 requests, built once: the load generator only sends bytes and reads answers."""
+    import urllib.parse
+
+    host = urllib.parse.urlsplit(url).netloc
+    return [(f"POST /v1/cluster HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-npy\r\n"
+             f"Content-Length: {len(b)}\r\n\r\n").encode() + b for b in bodies]
+
+
+def _connect(url: str):
+    import socket
+    import urllib.parse
+
+    u = urllib.parse.urlsplit(url)
+    sock = socket.create_connection((u.hostname, u.port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+class _Answer:
+    """Incremental reader of HTTP/1.1 responses with a Content-Length (what the daemon sends)."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self):
+        self.buf = b""
+
+    def feed(self, data: bytes):
+        """Add received bytes; returns the status code once a whole response is in, else None."""
+        buf = self.buf = self.buf + data
+        head_end = buf.find(b"\r\n\r\n")
+        if head_end < 0:
+            return None
+        head = buf[:head_end].lower()
+        i, length = head.find(b"\r\ncontent-length:"), 0
+        if i >= 0:
+            j = head.find(b"\r\n", i + 2)
+            length = int(head[i + 17:j if j >= 0 else len(head)])
+        end = head_end + 4 + length
+        if len(buf) < end:
+            return None
+        if len(buf) > end:
+            raise RuntimeError("more bytes than one response: the daemon answered something not asked")
+        self.buf = b""
+        return int(buf[9:12])
+
+
 def worker_latency(url: str, n: int, warmup: int = 100) -> dict:
-    """One client, sequential single-image requests on one keep-alive connection."""
+    """One client, sequential single-image requests on one keep-alive connection (raw socket,
+    requests built beforehand, so the client adds as little as possible to the latency)."""
+    reqs = _request_bytes(url, _image_bodies())
+    sock = _connect(url)
+    lat = []
+    cpu0 = 0.0
+    for i in range(warmup + n):
+        if i == warmup:
+            cpu0 = _cpu_seconds()
+        ans = _Answer()
+        t0 = time.perf_counter()
+        sock.sendall(reqs[i % len(reqs)])
+        status = None
+        while status is None:
+            data = sock.recv(65536)
+            if not data:
+                raise RuntimeError("the daemon closed the connection")
+            status = ans.feed(data)
+        if i >= warmup:
+            lat.append(time.perf_counter() - t0)
+        if status != 200:
+            raise RuntimeError(f"status {status}")
+    cpu = _cpu_seconds() - cpu0
+    sock.close()
+    return {"latencies_s": lat, "client_cpu_s": cpu}
+
+
+def worker_client_latency(url: str, n: int, warmup: int = 50) -> dict:
+    """The same with protoedge.client.Client (http.client), for comparison."""
     from protoedge.client import Client
 
     bodies = _image_bodies()
     lat = []
     with Client(url, timeout=30) as c:
-        for i in range(warmup):
-            c.request("POST", "/v1/cluster", bodies[i % len(bodies)], "application/x-npy")
-        cpu0 = _cpu_seconds()
-        for i in range(n):
+        for i in range(warmup + n):
             t0 = time.perf_counter()
             status, _, _ = c.request("POST", "/v1/cluster", bodies[i % len(bodies)], "application/x-npy")
-            lat.append(time.perf_counter() - t0)
+            if i >= warmup:
+                lat.append(time.perf_counter() - t0)
             if status != 200:
                 raise RuntimeError(f"status {status}")
-    return {"latencies_s": lat, "client_cpu_s": _cpu_seconds() - cpu0}
+    return {"latencies_s": lat}
 
 
 def worker_load(url: str, clients: int, seconds: float) -> dict:
-    """`clients` concurrent keep-alive connections sending single images for `seconds`."""
-    import asyncio
+    """`clients` concurrent keep-alive connections, each sending one single-image request and
+    waiting for its answer before sending the next (no pipelining), for `seconds`. One process,
+    one epoll loop over raw sockets and prebuilt requests: the generator's own CPU per request is
+    a few tens of microseconds, so it takes as little as possible from the daemon's cores."""
+    import select
 
-    import aiohttp
+    reqs = _request_bytes(url, _image_bodies())
+    socks = [_connect(url) for _ in range(clients)]
+    ep = select.epoll()
+    by_fd = {}
+    for k, s in enumerate(socks):
+        s.setblocking(False)
+        ep.register(s.fileno(), select.EPOLLIN)
+        by_fd[s.fileno()] = k
+    answers = [_Answer() for _ in range(clients)]
+    sent_at = [0.0] * clients
+    nxt = [k * 7919 for k in range(clients)]
+    retry: list[tuple[float, int]] = []  # (when, client) after a 503
 
-    bodies = _image_bodies()
-    headers = {"Content-Type": "application/x-npy"}
+    def send(k: int) -> None:
+        req = reqs[nxt[k] % len(reqs)]
+        nxt[k] += 1
+        sent_at[k] = time.perf_counter()
+        n = socks[k].send(req)
+        if n != len(req):  # the socket buffer is far larger than one request; be correct anyway
+            socks[k].setblocking(True)
+            socks[k].sendall(req[n:])
+            socks[k].setblocking(False)
 
-    async def main():
-        ok = [0] * clients
-        rejected = [0] * clients
+    def run(until: float, record: bool) -> tuple[int, int, list[float]]:
+        ok = rejected = 0
         lat: list[float] = []
-        conn = aiohttp.TCPConnector(limit=clients, force_close=False)
-        async with aiohttp.ClientSession(url, connector=conn) as session:
-            async def one(k: int, until: float, record: bool):
-                i = k * 7919
-                while time.perf_counter() < until:
-                    t0 = time.perf_counter()
-                    async with session.post("/v1/cluster", data=bodies[i % len(bodies)], headers=headers) as r:
-                        await r.read()
-                        if r.status == 200:
-                            if record:
-                                ok[k] += 1
-                                lat.append(time.perf_counter() - t0)
-                        elif r.status == 503:
-                            rejected[k] += 1
-                            await asyncio.sleep(float(r.headers.get("Retry-After", "1")) / 100)
-                        else:
-                            raise RuntimeError(f"status {r.status}")
-                    i += 1
+        active = set(range(clients))
+        for k in range(clients):
+            send(k)
+        while active:
+            now = time.perf_counter()
+            for when, k in [r for r in retry if r[0] <= now]:
+                retry.remove((when, k))
+                send(k)
+            events = ep.poll(0.01 if retry else 1.0)
+            for fd, _ in events:
+                k = by_fd[fd]
+                data = socks[k].recv(65536)
+                if not data:
+                    raise RuntimeError("the daemon closed a connection")
+                status = answers[k].feed(data)
+                if status is None:
+                    continue
+                t1 = time.perf_counter()
+                if status == 200:
+                    if record:
+                        ok += 1
+                        lat.append(t1 - sent_at[k])
+                elif status == 503:
+                    rejected += 1
+                else:
+                    raise RuntimeError(f"status {status}")
+                if t1 >= until:
+                    active.discard(k)  # this client is done; the others finish their requests
+                elif status == 503:
+                    retry.append((t1 + 0.01, k))
+                else:
+                    send(k)
+            if retry and time.perf_counter() >= until:
+                for r in list(retry):
+                    retry.remove(r)
+                    active.discard(r[1])
+        return ok, rejected, lat
 
-            # Warm-up (connections, batch sizes), then the measured window.
-            await asyncio.gather(*(one(k, time.perf_counter() + 0.5, False) for k in range(clients)))
-            cpu0, t0 = _cpu_seconds(), time.perf_counter()
-            await asyncio.gather(*(one(k, t0 + seconds, True) for k in range(clients)))
-            elapsed = time.perf_counter() - t0
-        return {"images": sum(ok), "rejected": sum(rejected), "elapsed_s": elapsed,
-                "client_cpu_s": _cpu_seconds() - cpu0, "latencies_s": lat}
-
-    return asyncio.run(main())
+    run(time.perf_counter() + 0.5, False)  # warm-up: connections, batch sizes
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
+    ok, rejected, lat = run(t0 + seconds, True)
+    elapsed = time.perf_counter() - t0
+    cpu = _cpu_seconds() - cpu0
+    for s in socks:
+        s.close()
+    return {"images": ok, "rejected": rejected, "elapsed_s": elapsed, "client_cpu_s": cpu, "latencies_s": lat}
 
 
 def _run_worker(mode: str, **kw) -> dict:
@@ -341,7 +452,8 @@ def render_markdown(r: dict) -> str:
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "worker":
         kwargs = json.loads(sys.argv[3])
-        result = worker_latency(**kwargs) if sys.argv[2] == "latency" else worker_load(**kwargs)
+        result = {"latency": worker_latency, "client_latency": worker_client_latency,
+                  "load": worker_load}[sys.argv[2]](**kwargs)
         print(json.dumps(result))
     else:
         sys.exit("usage: protoedge bench daemon (this file's worker mode is started by the benchmark itself)")
