@@ -107,6 +107,13 @@ def decode_pixels(body: bytes, content_type: str, input_spec: dict, max_images: 
         raise InputError("empty body: send an application/x-npy array or one image/png or image/jpeg")
     if content_type in NPY_TYPES:
         pixels = parse_npy(body, max_images)
+        # The common case, checked cheaply: parse_npy gave uint8, C order, the right image size.
+        shape = pixels.shape
+        if shape[0] and pixels.flags.c_contiguous:
+            if len(shape) == 4 and shape[1] == c and shape[2] == h and shape[3] == w:
+                return pixels
+            if len(shape) == 3 and c == 1 and shape[1] == h and shape[2] == w:
+                return pixels.reshape(shape[0], 1, h, w)
     elif content_type in IMAGE_TYPES:
         pixels = parse_image(body, c, h, w)
     else:
