@@ -55,12 +55,16 @@ def register(main: click.Group, bench: click.Group) -> None:
               help="Seconds between fsyncs with --fsync interval.")
 @click.option("--snapshot-every", type=click.IntRange(1, None), default=20000, show_default=True,
               help="Snapshot after this many logged updates (keeps the replay short).")
+@click.option("--event-loop", type=click.Choice(["auto", "asyncio", "uvloop"]), default="auto", show_default=True,
+              help="auto: uvloop if it is installed (optional; cheaper per request), else asyncio's own loop.")
+@click.option("--switch-interval-ms", type=click.FloatRange(0.01, 100), default=0.5, show_default=True,
+              help="Python GIL hand-over interval between the event loop and the worker thread.")
 @click.option("--threshold", type=float, default=None,
               help="New-cluster distance [default: from the bundle's calibration].")
 @click.option("--max-clusters", type=click.IntRange(1, None), default=1000, show_default=True)
 def serve(bundle, host, port, socket_path, state_dir, backend, precision, threads, cache_dir, token_file,
           max_batch, max_wait_ms, max_queue, max_queue_mb, max_body_mb, max_images, fsync, fsync_interval,
-          snapshot_every, threshold, max_clusters):
+          snapshot_every, event_loop, switch_interval_ms, threshold, max_clusters):
     """Run the local clustering daemon on BUNDLE (HTTP on loopback and/or a Unix socket).
 
     \b
@@ -93,7 +97,7 @@ def serve(bundle, host, port, socket_path, state_dir, backend, precision, thread
                           max_queue_bytes=int(max_queue_mb * 1024 * 1024),
                           max_body_bytes=int(max_body_mb * 1024 * 1024), max_images_per_request=max_images,
                           fsync=fsync, fsync_interval_s=fsync_interval, snapshot_every=snapshot_every,
-                          clusterer=clusterer)
+                          event_loop=event_loop, switch_interval_ms=switch_interval_ms, clusterer=clusterer)
     raise SystemExit(run_server(config))
 
 

@@ -66,6 +66,8 @@ class ServerConfig:
     snapshot_every: int = 20000          # updates
     snapshot_interval_s: float = 600.0
     shutdown_timeout_s: float = 30.0
+    event_loop: str = "auto"             # auto: uvloop when it is installed, else asyncio's own
+    switch_interval_ms: float = 0.5      # GIL hand-over between the event loop and the worker
     clusterer: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -81,12 +83,30 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be >= 1")
         if self.max_wait_ms < 0:
             raise ConfigError("max_wait_ms must be >= 0")
+        if self.event_loop not in ("auto", "asyncio", "uvloop"):
+            raise ConfigError(f"event loop must be auto, asyncio or uvloop, not {self.event_loop!r}")
+        if self.event_loop == "uvloop" and loop_factory("uvloop") is None:
+            raise ConfigError("--event-loop uvloop: uvloop is not installed (pip install uvloop)")
+        if not 0 < self.switch_interval_ms <= 100:
+            raise ConfigError("switch_interval_ms must be in (0, 100]")
 
 
 def default_inference_threads() -> int:
     """All cores but one: the event loop parses HTTP on its own core while the encoder runs
     (measured on 2 cores: 1 inference thread serves more images/s than 2)."""
     return max(1, (os.cpu_count() or 1) - 1)
+
+
+def loop_factory(kind: str):
+    """uvloop's event loop factory for "auto"/"uvloop" when uvloop is installed, else None (asyncio's
+    own loop). uvloop is optional: it only makes the per-request work of the event loop cheaper."""
+    if kind == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -227,7 +247,8 @@ class Daemon:
                 "outputs": [{"name": o["name"], "datatype": "FP32", "shape": [-1, o["dim"]]}],
                 "parameters": {"distance": o["distance"], "model": self.bundle.manifest.get("model", {}),
                                "backend": enc, "max_batch": self.config.max_batch,
-                               "max_wait_ms": self.config.max_wait_ms, "fsync": self.config.fsync}}
+                               "max_wait_ms": self.config.max_wait_ms, "fsync": self.config.fsync,
+                               "event_loop": type(self._loop).__module__.split(".")[0] if self._loop else None}}
 
     # ------------------------------------------------------------------ start-up (worker thread)
 
@@ -377,4 +398,20 @@ def run_server(config: ServerConfig) -> int:
     except ValueError as e:  # ConfigError, BundleError, ...
         print(f"protoedge serve: {e}", file=sys.stderr, flush=True)
         return 2
-    return asyncio.run(daemon.run())
+    # The event loop and the worker thread share the GIL: the worker gets it back after each ORT
+    # call or fdatasync, the loop between requests. Python's default hand-over interval (5 ms) lets
+    # either side hold the other up for a whole encoder call; a shorter one keeps both moving.
+    sys.setswitchinterval(config.switch_interval_ms / 1000.0)
+    factory = loop_factory(config.event_loop)
+    if factory is None:
+        return asyncio.run(daemon.run())
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(daemon.run())
+    loop = factory()  # Python 3.10 (JetPack 6): no asyncio.Runner
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(daemon.run())
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)

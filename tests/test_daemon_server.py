@@ -363,3 +363,17 @@ def test_concurrent_single_image_requests_share_encoder_calls(server):
     imgs = metric(after, "protoedge_batch_images_sum") - metric(before, "protoedge_batch_images_sum")
     assert answers == [1] * 200 and imgs == 200
     assert calls < 200, "200 concurrent single-image requests must share encoder calls"
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_runs_on_asyncio_s_own_loop_and_on_uvloop(tmp_path, loop):
+    """uvloop is optional: the daemon runs on asyncio's own loop too (and says which it uses)."""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    with Server(tmp_path, "--event-loop", loop) as srv:
+        for url in (srv.tcp_url, srv.unix_url):
+            with Client(url) as c:
+                assert len(c.cluster(images(3, seed=5))) == 3 and len(c.cluster(images(1, seed=6))) == 1
+                assert c.model()["parameters"]["event_loop"] == loop
+        assert srv.terminate() == 0
+        assert "stopped (exit 0)" in srv.output()
