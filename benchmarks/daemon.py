@@ -287,7 +287,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure_daemon(bundle: str, fsync: str, seconds: float, n_latency: int, threads: int | None) -> dict:
+def measure_daemon(bundle: str, fsync: str, seconds: float, n_latency: int, threads: int | None,
+                   clients: tuple[int, ...] = (1, 4, 16), latency: bool = True, extra: tuple[str, ...] = ()) -> dict:
     """Start `protoedge serve` with this fsync policy, measure it from separate processes, stop it."""
     import shutil
 
@@ -297,36 +298,46 @@ def measure_daemon(bundle: str, fsync: str, seconds: float, n_latency: int, thre
     url = f"http://127.0.0.1:{port}"
     state = tempfile.mkdtemp(prefix="protoedge-bench-daemon-")
     cmd = [sys.executable, "-m", "protoedge.cli", "serve", bundle, "--port", str(port), "--state", state,
-           "--fsync", fsync, "--backend", "cpu"]
+           "--fsync", fsync, "--backend", "cpu", *extra]
     if threads:
         cmd += ["--threads", str(threads)]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    r: dict = {"fsync": fsync}
+    r: dict = {"fsync": fsync, "threads": threads, "extra_args": list(extra)}
     try:
         with Client(url) as c:
             c.wait_ready(120)
-            r["backend"] = c.model()["parameters"]["backend"]
+            params = c.model()["parameters"]
+            r["backend"], r["event_loop"] = params["backend"], params.get("event_loop")
             rss_idle = _metric(c.metrics(), "protoedge_resident_memory_bytes")
-        print(f"[fsync {fsync}] single-client latency", file=sys.stderr)
-        cpu0 = _proc_cpu_seconds(server.pid)
-        lat = _run_worker("latency", url=url, n=n_latency)
-        ms = 1e3 * np.asarray(lat["latencies_s"])
-        r["latency_1_client"] = {
-            "requests": len(ms), "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max()),
-            "images_per_s": float(len(ms) / (ms.sum() / 1e3)),
-            "server_cpu_s": _proc_cpu_seconds(server.pid) - cpu0, "client_cpu_s": lat["client_cpu_s"]}
-        r["throughput"] = {}
-        for clients in (1, 4, 16):
-            print(f"[fsync {fsync}] throughput with {clients} clients", file=sys.stderr)
+        if latency:
+            print(f"[fsync {fsync}] single-client latency", file=sys.stderr)
             cpu0 = _proc_cpu_seconds(server.pid)
-            t = _run_worker("load", url=url, clients=clients, seconds=seconds)
+            lat = _run_worker("latency", url=url, n=n_latency)
+            ms = 1e3 * np.asarray(lat["latencies_s"])
+            r["latency_1_client"] = {
+                "requests": len(ms), "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+                "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max()),
+                "images_per_s": float(len(ms) / (ms.sum() / 1e3)),
+                "server_cpu_s": _proc_cpu_seconds(server.pid) - cpu0, "client_cpu_s": lat["client_cpu_s"]}
+            # The same through protoedge.client.Client (http.client): what a Python caller sees.
+            cl = 1e3 * np.asarray(_run_worker("client_latency", url=url, n=max(100, n_latency // 4))["latencies_s"])
+            r["latency_1_client_python_client"] = {"requests": len(cl), "p50_ms": float(np.percentile(cl, 50)),
+                                                   "p99_ms": float(np.percentile(cl, 99))}
+        r["throughput"] = {}
+        for k in clients:
+            print(f"[fsync {fsync}] throughput with {k} clients", file=sys.stderr)
+            cpu0 = _proc_cpu_seconds(server.pid)
+            b0 = _batch_counters(url)
+            t = _run_worker("load", url=url, clients=k, seconds=seconds)
+            b1 = _batch_counters(url)
             lms = 1e3 * np.asarray(t["latencies_s"]) if t["latencies_s"] else np.zeros(1)
-            r["throughput"][str(clients)] = {
+            calls = b1[0] - b0[0]
+            r["throughput"][str(k)] = {
                 "images_per_s": t["images"] / t["elapsed_s"], "images": t["images"], "rejected_503": t["rejected"],
                 "seconds": t["elapsed_s"], "p50_ms": float(np.percentile(lms, 50)),
                 "p99_ms": float(np.percentile(lms, 99)),
-                "server_cpu_s": _proc_cpu_seconds(server.pid) - cpu0, "client_cpu_s": t["client_cpu_s"]}
+                "server_cpu_s": _proc_cpu_seconds(server.pid) - cpu0, "client_cpu_s": t["client_cpu_s"],
+                "encoder_calls": calls, "images_per_call": (b1[1] - b0[1]) / max(calls, 1)}
         with Client(url) as c:
             metrics = c.metrics()
         batches = _metric(metrics, "protoedge_batch_images_count")
@@ -346,6 +357,16 @@ def measure_daemon(bundle: str, fsync: str, seconds: float, n_latency: int, thre
     return r
 
 
+def _batch_counters(url: str) -> tuple[float, float]:
+    """(encoder calls, images) so far, from the daemon's batch-size histogram."""
+    from protoedge.client import Client
+
+    with Client(url) as c:
+        m = c.metrics()
+    count, total = _metric(m, "protoedge_batch_images_count"), _metric(m, "protoedge_batch_images_sum")
+    return (0.0 if count != count else count), (0.0 if total != total else total)  # NaN: no batch yet
+
+
 def run_benchmark(bundle: str, out_dir: str = "benchmarks/results", seconds: float = 6.0, n_latency: int = 2000,
                   threads: int | None = None, fsync: str = "both") -> dict:
     from protoedge.runtime.server import default_inference_threads
@@ -356,6 +377,16 @@ def run_benchmark(bundle: str, out_dir: str = "benchmarks/results", seconds: flo
     load_before = os.getloadavg()
     policies = ("always", "interval") if fsync == "both" else (fsync,)
     daemons = {p: measure_daemon(bundle, p, seconds, n_latency, threads) for p in policies}
+    # Other settings, 16 clients only: inference threads, and asyncio's own event loop vs uvloop.
+    variants = {}
+    other_threads = 2 if threads != 2 else 1
+    print(f"[fsync {policies[0]}] 16 clients with {other_threads} inference threads", file=sys.stderr)
+    variants[f"{other_threads} inference threads"] = measure_daemon(
+        bundle, policies[0], seconds, n_latency, other_threads, clients=(16,), latency=False)
+    print(f"[fsync {policies[0]}] 16 clients on asyncio's own event loop", file=sys.stderr)
+    variants["asyncio event loop (no uvloop)"] = measure_daemon(
+        bundle, policies[0], seconds, n_latency, threads, clients=(16,), latency=False,
+        extra=("--event-loop", "asyncio"))
     print("the runtime in-process", file=sys.stderr)
     inproc = in_process(bundle, threads, n_latency, seconds)
     for d in daemons.values():
@@ -367,15 +398,29 @@ def run_benchmark(bundle: str, out_dir: str = "benchmarks/results", seconds: flo
                         "p99_ms_le_15": d["latency_1_client"]["p99_ms"] <= 15.0,
                         "16_clients_ge_3000_images_per_s": t16 >= 3000.0}
     results = {
-        "daemon": daemons, "in_process": inproc,
+        "daemon": daemons, "variants": variants, "in_process": inproc,
         "setup": {"bundle": bundle, "server_threads": threads, "cpus": os.cpu_count(),
                   "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                   "python": platform.python_version(), "machine": platform.machine(),
                   "seconds_per_throughput_run": seconds, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}}
+    notes = _kept_notes(out / "daemon.md")
     (out / "daemon.json").write_text(json.dumps(results, indent=1))
-    (out / "daemon.md").write_text(render_markdown(results))
+    (out / "daemon.md").write_text(render_markdown(results) + notes)
     print((out / "daemon.md").read_text())
     return results
+
+
+NOTES_HEADING = "## Notes"
+
+
+def _kept_notes(path: Path) -> str:
+    """The hand-written '## Notes' section of the previous daemon.md, kept across runs."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return ""
+    i = text.find("\n" + NOTES_HEADING + "\n")
+    return text[i + 1:] if i >= 0 else ""
 
 
 def render_markdown(r: dict) -> str:
@@ -389,12 +434,14 @@ def render_markdown(r: dict) -> str:
         f"(load average {', '.join(f'{x:.2f}' for x in s['loadavg_before'])} before, "
         f"{', '.join(f'{x:.2f}' for x in s['loadavg_after'])} after), Python {s['python']}. "
         f"Bundle `{Path(s['bundle']).name}` ({s['bundle']}), backend {any_d['backend'].get('backend')} with "
-        f"{s['server_threads']} inference threads. Each request carries one Omniglot test image "
+        f"{s['server_threads']} inference threads, event loop {any_d.get('event_loop')}. Each request carries one "
+        "Omniglot test image "
         "(1x28x28 uint8 .npy) to `POST /v1/cluster` (assign + update, answered once logged) on loopback TCP "
         "with keep-alive. Load generators are separate processes on the same cores (their CPU is listed).",
         "",
-        "`--fsync always`: the answer waits for the log record's fsync (group commit). `--fsync interval`: the "
-        "record reaches the kernel before the answer (kill -9 loses nothing), fsync once a second.",
+        "`--fsync always`: the answer waits for the fdatasync of its batch's log record (group commit: one per "
+        "micro-batch). `--fsync interval`: the record reaches the kernel before the answer (kill -9 loses "
+        "nothing), fdatasync once a second.",
         "",
         "## Single client, sequential requests",
         "",
@@ -406,17 +453,38 @@ def render_markdown(r: dict) -> str:
         lines.append(f"| {p} | {lat['requests']} | {lat['p50_ms']:.2f} | {lat['p90_ms']:.2f} | {lat['p99_ms']:.2f} | "
                      f"{lat['max_ms']:.1f} | {lat['images_per_s']:.0f} | {lat['server_cpu_s']:.2f} | "
                      f"{lat['client_cpu_s']:.2f} |")
+    lines += ["", "The client is a raw socket sending prebuilt requests. Through `protoedge.client.Client` "
+              "(http.client, what a Python caller uses) the same requests took: " + "; ".join(
+                  f"{p} p50 {d['latency_1_client_python_client']['p50_ms']:.2f} ms, p99 "
+                  f"{d['latency_1_client_python_client']['p99_ms']:.2f} ms" for p, d in daemons.items()) + "."]
     lines += ["", "## Throughput with concurrent clients (one image per request)", "",
-              "| fsync | clients | images/s | p50 ms | p99 ms | 503s | server CPU s | client CPU s | "
-              "server CPU ms/image | seconds |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "Each client is one keep-alive connection that sends one single-image request and waits for its "
+              "answer before sending the next (no pipelining); all clients run in one load-generator process "
+              "(an epoll loop over raw sockets).", "",
+              "| fsync | clients | images/s | p50 ms | p99 ms | 503s | images per encoder call | server CPU s | "
+              "client CPU s | server CPU ms/image | seconds |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def row(label, k, t):
+        per_image = 1e3 * t["server_cpu_s"] / max(t["images"], 1)
+        return (f"| {label} | {k} | {t['images_per_s']:.0f} | {t['p50_ms']:.2f} | {t['p99_ms']:.2f} | "
+                f"{t['rejected_503']} | {t.get('images_per_call', float('nan')):.1f} | {t['server_cpu_s']:.2f} | "
+                f"{t['client_cpu_s']:.2f} | {per_image:.2f} | {t['seconds']:.1f} |")
+
     for p, d in daemons.items():
         for k, t in d["throughput"].items():
-            per_image = 1e3 * t["server_cpu_s"] / max(t["images"], 1)
-            lines.append(f"| {p} | {k} | {t['images_per_s']:.0f} | {t['p50_ms']:.2f} | {t['p99_ms']:.2f} | "
-                         f"{t['rejected_503']} | {t['server_cpu_s']:.2f} | {t['client_cpu_s']:.2f} | {per_image:.2f} | "
-                         f"{t['seconds']:.1f} |")
+            lines.append(row(p, k, t))
     lines.append("")
+    if r.get("variants"):
+        lines += ["Other daemon settings, 16 clients (same policy as the first rows above):", "",
+                  "| setting | fsync | images/s | p50 ms | p99 ms | images per encoder call | server CPU ms/image |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for name, v in r["variants"].items():
+            t = v["throughput"]["16"]
+            lines.append(f"| {name} | {v['fsync']} | {t['images_per_s']:.0f} | {t['p50_ms']:.2f} | {t['p99_ms']:.2f} | "
+                         f"{t.get('images_per_call', float('nan')):.1f} | "
+                         f"{1e3 * t['server_cpu_s'] / max(t['images'], 1):.2f} |")
+        lines.append("")
     for p, d in daemons.items():
         b, m = d["batches"], d["memory"]
         lines.append(f"- fsync {p}: {b['count']:.0f} encoder calls averaging {b['mean_images']:.1f} images "
