@@ -31,9 +31,15 @@ class AugmentConfig:
         return asdict(self)
 
 
-def random_affine(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    n, _, h, w = x.shape
-    u = lambda: torch.rand(n, generator=gen, device=x.device)
+def draw_augmentation(n: int, shape, cfg: AugmentConfig, gen: torch.Generator,
+                      device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The random choices for n images of shape (C, H, W): every tensor has one row per image.
+
+    Drawing depends on n and the shape only (never on pixels), so a process can draw the choices
+    for a whole distributed step and apply only its own rows (apply_augmentation(x, rows_of(d, i)));
+    the draws happen in the order augment() always used, so results are unchanged by the split."""
+    c, h, w = shape
+    u = lambda: torch.rand(n, generator=gen, device=device)
     angle = (2 * u() - 1) * math.radians(cfg.rotate_deg)
     zoom = cfg.scale[0] + u() * (cfg.scale[1] - cfg.scale[0])
     aspect = torch.exp((2 * u() - 1) * cfg.aspect)
@@ -42,48 +48,48 @@ def random_affine(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> 
     tx = (2 * u() - 1) * cfg.translate_px * 2 / w
     ty = (2 * u() - 1) * cfg.translate_px * 2 / h
     cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack([
+    d = {"theta": torch.stack([
         torch.stack([cos * sx, (-sin + shear * cos) * sy, tx], 1),
         torch.stack([sin * sx, (cos + shear * sin) * sy, ty], 1),
-    ], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    ], 1)}
+    if cfg.dilate_p > 0:  # thicker strokes
+        d["dilate"] = torch.rand(n, 1, 1, 1, generator=gen, device=device) < cfg.dilate_p
+    if cfg.erase_p > 0:  # a random blank rectangle
+        size_h = torch.randint(3, cfg.erase_max + 1, (n,), generator=gen, device=device)
+        size_w = torch.randint(3, cfg.erase_max + 1, (n,), generator=gen, device=device)
+        top = (torch.rand(n, generator=gen, device=device) * (h - size_h)).long()
+        left = (torch.rand(n, generator=gen, device=device) * (w - size_w)).long()
+        rows = torch.arange(h, device=device)[None, :, None]
+        cols = torch.arange(w, device=device)[None, None, :]
+        inside = ((rows >= top[:, None, None]) & (rows < (top + size_h)[:, None, None])
+                  & (cols >= left[:, None, None]) & (cols < (left + size_w)[:, None, None]))
+        pick = (torch.rand(n, generator=gen, device=device) < cfg.erase_p)[:, None, None]
+        d["erase"] = (inside & pick)[:, None]
+    if cfg.dropout_p > 0:  # pixel dropout on a share of the images
+        pick = torch.rand(n, 1, 1, 1, generator=gen, device=device) < cfg.dropout_p
+        keep = torch.rand((n, c, h, w), generator=gen, device=device) >= cfg.dropout_rate
+        d["dropout_keep"] = keep | ~pick
+    return d
 
 
-def random_dilate(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
-    pick = torch.rand(len(x), 1, 1, 1, generator=gen, device=x.device) < p
-    return torch.where(pick, F.max_pool2d(x, 3, stride=1, padding=1), x)
+def rows_of(draw: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+    return {k: v[rows] for k, v in draw.items()}
 
 
-def random_erase(x: torch.Tensor, p: float, max_size: int, gen: torch.Generator) -> torch.Tensor:
-    n, _, h, w = x.shape
-    dev = x.device
-    size_h = torch.randint(3, max_size + 1, (n,), generator=gen, device=dev)
-    size_w = torch.randint(3, max_size + 1, (n,), generator=gen, device=dev)
-    top = (torch.rand(n, generator=gen, device=dev) * (h - size_h)).long()
-    left = (torch.rand(n, generator=gen, device=dev) * (w - size_w)).long()
-    rows = torch.arange(h, device=dev)[None, :, None]
-    cols = torch.arange(w, device=dev)[None, None, :]
-    inside = ((rows >= top[:, None, None]) & (rows < (top + size_h)[:, None, None])
-              & (cols >= left[:, None, None]) & (cols < (left + size_w)[:, None, None]))
-    pick = (torch.rand(n, generator=gen, device=dev) < p)[:, None, None]
-    return x * (~(inside & pick))[:, None].to(x.dtype)
-
-
-def random_dropout(x: torch.Tensor, p: float, rate: float, gen: torch.Generator) -> torch.Tensor:
-    pick = torch.rand(len(x), 1, 1, 1, generator=gen, device=x.device) < p
-    keep = torch.rand(x.shape, generator=gen, device=x.device) >= rate
-    return x * (keep | ~pick).to(x.dtype)
+def apply_augmentation(pixels: torch.Tensor, draw: dict[str, torch.Tensor]) -> torch.Tensor:
+    """uint8 or float pixels [N, C, H, W] (0-255) and N drawn choices -> float views, same scale."""
+    x = pixels.float()
+    grid = F.affine_grid(draw["theta"], list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if "dilate" in draw:
+        x = torch.where(draw["dilate"], F.max_pool2d(x, 3, stride=1, padding=1), x)
+    if "erase" in draw:
+        x = x * (~draw["erase"]).to(x.dtype)
+    if "dropout_keep" in draw:
+        x = x * draw["dropout_keep"].to(x.dtype)
+    return x.clamp_(0, 255)
 
 
 def augment(pixels: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
     """uint8 or float pixels [N, C, H, W] (0-255) -> float views [N, C, H, W] in the same scale."""
-    x = pixels.float()
-    x = random_affine(x, cfg, gen)
-    if cfg.dilate_p > 0:
-        x = random_dilate(x, cfg.dilate_p, gen)
-    if cfg.erase_p > 0:
-        x = random_erase(x, cfg.erase_p, cfg.erase_max, gen)
-    if cfg.dropout_p > 0:
-        x = random_dropout(x, cfg.dropout_p, cfg.dropout_rate, gen)
-    return x.clamp_(0, 255)
+    return apply_augmentation(pixels, draw_augmentation(len(pixels), pixels.shape[1:], cfg, gen, pixels.device))

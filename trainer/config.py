@@ -7,7 +7,13 @@ from dataclasses import asdict, dataclass, field
 
 from .augment import AugmentConfig
 
-RECIPES = ("default", "autoencoder", "cactus", "maml", "supervised")
+
+class ConfigError(ValueError):
+    """A configuration that cannot run (the message says why)."""
+
+
+RECIPES = ("default", "autoencoder", "cactus", "maml", "supervised", "gpu")
+PROTONET_TASK_RECIPES = ("default", "cactus", "gpu")  # recipes that build k-means tasks as they go
 
 
 @dataclass
@@ -21,9 +27,21 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 autocast (CUDA, or CPUs with AMX/AVX512-BF16) | fp32
     threads: int = 2
     pool_limit: int = 0  # > 0: train on an evenly spaced subset of this many images (tests, quick checks)
+    data: str = ""  # an unlabelled image folder (recursive png/jpg, any size) instead of the protocol's images
+    data_workers: int = 4  # DataLoader worker processes reading --data images
     # encoder (EncoderConfig fields)
+    backbone: str = "conv4"  # conv4 | resnet12
     width: int = 64
     depth: int = 4
+    image_size: int = 0  # 0: the data's own size (28 for the shipped sets); else images are resized to it
+    channels: int = 0  # 0: the data's own (1 for the shipped sets); 1 or 3 for --data folders
+    pixel_mean: float = 0.13  # input normalisation inside the encoder (of x/255)
+    pixel_std: float = 0.31
+    channels_last: bool | None = None  # None: on CPU only (where it was measured faster)
+    compile: bool = False  # torch.compile the encoder (in place: checkpoints are unchanged)
+    # distributed: a step is this many independent episodes; with torchrun each rank computes
+    # episodes_per_step / world_size of them. 0: one per process (fixed when the run starts).
+    episodes_per_step: int = 0
     # stage 1: autoencoder pretraining
     ae_fraction: float = 0.05  # share of the time budget
     ae_steps: int = 0  # > 0 overrides ae_fraction with a fixed number of steps
@@ -101,6 +119,11 @@ def recipe_config(recipe: str, protocol: str = "omniglot-a", **overrides) -> Tra
                     cluster_every=2.0, recon_weight=0.0, ae_fraction=0.0)
     elif recipe == "maml":
         base.update(distance="sqeuclidean", recon_weight=0.0)
+    elif recipe == "gpu":
+        # The default recipe scaled for GPUs (written to the documented APIs, not run on a GPU here):
+        # ResNet-12 at 84x84, bf16 autocast, channels-last, torch.compile; one episode per GPU per step.
+        base.update(backbone="resnet12", image_size=84, channels_last=True, compile=True, precision="bf16",
+                    aug_way=128, cluster_way=64, recon_batch=32, ae_batch=128)
     base.update(overrides)
     return TrainConfig(**base)
 
