@@ -68,12 +68,19 @@ def accuracy_gate(precision: str, fp32_acc: float, acc: float) -> str | None:
     return None
 
 
-def resolve_images(spec: str, part_default: str) -> ImageSet:
-    """'omniglot-a:test', 'mnist' (part_default), or a folder / .npz / .npy path."""
+def resolve_images(spec: str, part_default: str, size: int = 28, channels: int = 1) -> ImageSet:
+    """'omniglot-a:test', 'mnist' (part_default), or a folder / .npz / .npy path, at the encoder's
+    input size (shipped 28x28 images are resized for an encoder trained at another size, e.g. 84)."""
     name, _, part = spec.partition(":")
     if name in protocols():
-        return load_split(name, part or part_default)
-    return load_images(spec)
+        images = load_split(name, part or part_default)
+        if images.images.shape[2:] != (size, size):
+            from protoedge.trainer.data import resize_pixels  # the trainer's resize: the pixels it trained on
+
+            images = ImageSet(resize_pixels(images.images, size).numpy(), images.labels, images.class_names,
+                              images.source)
+        return images
+    return load_images(spec, size=(size, size), channels=channels)
 
 
 def default_protocol(meta: dict) -> str:
@@ -145,9 +152,10 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
         distance = "cosine"
     temperature = float(meta.get("temperature", 1.0))
     protocol = default_protocol(meta)
-    eval_set = _keep_classes(resolve_images(opts.eval or protocol, "test"), opts.eval_classes)
-    calib_set = resolve_images(opts.calib or protocol, "train")
     cfg = encoder.config
+    eval_set = _keep_classes(resolve_images(opts.eval or protocol, "test", cfg.input_size, cfg.in_channels),
+                             opts.eval_classes)
+    calib_set = resolve_images(opts.calib or protocol, "train", cfg.input_size, cfg.in_channels)
     want = (cfg.in_channels, cfg.input_size, cfg.input_size)
     for name, s in (("eval", eval_set), ("calib", calib_set)):
         if tuple(s.images.shape[1:]) != want:
@@ -210,7 +218,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
         steps("calibration")
         manifest = {
             "schema_version": SCHEMA_VERSION,
-            "model": {"name": f"protoedge-conv{cfg.depth}-{cfg.width}",
+            "model": {"name": (f"protoedge-resnet12-{cfg.width}" if cfg.backbone == "resnet12"
+                               else f"protoedge-conv{cfg.depth}-{cfg.width}"),
                       "version": str(meta.get("version") or f"{__version__}+{sha256_file(checkpoint)[:12]}")},
             "input": {"name": "images", "dtype": "uint8", "layout": "NCHW", "channels": cfg.in_channels,
                       "height": cfg.input_size, "width": cfg.input_size,
