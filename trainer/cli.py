@@ -52,8 +52,9 @@ def register(main: click.Group, bench: click.Group) -> None:
                   help="Also write the small encoder-only checkpoint here (what gets committed/exported).")
     @click.option("--stop-after", type=click.IntRange(min=0), default=None, metavar="STEP",
                   help="End this session after meta step STEP with a resumable checkpoint (continue with --resume).")
+    @click.option("--no-report", is_flag=True, help="Do not write the HTML report at the end.")
     def train(protocol, data, out, recipe, time_budget, steps, seed, resume, device, precision, threads,
-              overrides, save_to, stop_after):
+              overrides, save_to, stop_after, no_report):
         """Meta-learn the encoder without labels (autoencoder, then ProtoNet on pseudo-tasks).
 
         \b
@@ -122,6 +123,8 @@ def register(main: click.Group, bench: click.Group) -> None:
         click.echo(f"checkpoint: {path}")
         if save_to:
             click.echo(f"encoder-only checkpoint: {strip_checkpoint(path, save_to)}")
+        if no_report or (stop_after is not None and load_checkpoint(path)[1]["state"]["stage"] != "done"):
+            return  # (a session of an unfinished run: the report comes at its end)
         from protoedge.app_cli import report_after_training  # issue 6: curves + numbers as HTML
 
         report_after_training(out)

@@ -34,8 +34,8 @@ def resize_pixels(images: np.ndarray | torch.Tensor, size: int, batch: int = 204
 class TensorPool:
     """Images held in memory (the shipped sets), resized once if the encoder wants another size."""
 
-    def __init__(self, images: np.ndarray, fingerprint: str, size: int = 0):
-        self.images = resize_pixels(images, size) if size else torch.from_numpy(images)
+    def __init__(self, images: np.ndarray | torch.Tensor, fingerprint: str, size: int = 0):
+        self.images = resize_pixels(images, size) if size else torch.as_tensor(images)
         self.fingerprint = fingerprint
         self.shape = tuple(self.images.shape[1:])
 
