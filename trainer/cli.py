@@ -199,3 +199,17 @@ def register(main: click.Group, bench: click.Group) -> None:
 
         module = load_bench_script("fewshot")
         module.run(runs_dir=runs, quick=quick, only=list(only))
+
+    @bench.command(name="scale")
+    @click.option("--warmup", type=click.IntRange(min=1), default=3, show_default=True, help="Untimed steps first.")
+    @click.option("--windows", type=click.IntRange(min=1), default=5, show_default=True, help="Timed windows.")
+    @click.option("--window", type=click.IntRange(min=1), default=4, show_default=True, help="Steps per window.")
+    @click.option("--quick", is_flag=True, help="A few steps: checks the pipeline, not the numbers (scale.quick.*).")
+    def bench_scale(warmup, windows, window, quick):
+        """Episodes/s with 1 and 2 CPU processes (torchrun, gloo), and the documented GPU commands."""
+        require_torch()
+        from protoedge.bench_scripts import load_bench_script
+
+        report = load_bench_script("scale").run(warmup=warmup, windows=windows, window=window, quick=quick)
+        for row in report["rows"]:
+            click.echo(f"{row['name']}: {row['episodes_per_s']:.2f} episodes/s")
