@@ -122,7 +122,7 @@ def tune_threshold(rt, path, size, channels, max_images: int = 5000) -> dict:
     images = load_inputs([str(path)], size, channels, with_labels=False)[0].images
     images = rt.validate(images[np.random.default_rng(0).permutation(len(images))[:max_images]])
     params = {k: v for k, v in rt.clusterer.get_params().items()
-              if k not in ("dim", "distance", "threshold", "merge_threshold")}
+              if k not in ("dim", "distance", "threshold", "merge_threshold", "max_spread")}
     make = lambda th: StreamClusterer.from_bundle(rt.bundle, threshold=th, **params)
     chosen = select_threshold(make, [rt.embed(images)], rt.clusterer.threshold)
     rt.clusterer = make(chosen["threshold"])

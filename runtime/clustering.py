@@ -31,8 +31,10 @@ import numpy as np
 from .errors import InputError, StateError
 from .validation import validate_embeddings
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2 added the per-cluster spread; format-1 states still load (see _restore)
 _CHUNK = 64  # samples per score matrix in partial_fit (measured best of 32-256; bounds its memory)
+MAX_SPREAD = 0.5  # default max_spread = this x threshold (see StreamClusterer)
+REFINE_SHARPNESS = 10.0  # see _refine_temperature
 
 
 class Assignment(NamedTuple):
@@ -66,29 +68,45 @@ class ClusterInfo:
     last_seen: int    # stream step of the last sample absorbed
 
 
-def threshold_from_calibration(calibration: dict) -> float:
-    """Default new-cluster threshold from a bundle's calibration statistics.
+RULE_FACTOR = 1.2  # x the calibration's same/different-item midpoint (see rule_threshold)
+
+
+def rule_threshold(calibration: dict) -> float:
+    """The calibration rule: RULE_FACTOR x the exporter's ``new_cluster_threshold`` (midpoint of the
+    same-item 0.95 and different-item 0.05 quantiles).
 
     A cluster is born from one sample, so the threshold must admit *sample-to-sample* distances
-    within a class, which are much wider than the calibration's same-item distances (two views of
-    one drawing) and reach into the different-item ones. The rule, 0.8 x the different-item 0.05
-    quantile, was chosen on streams of Protocol-A *train* characters with three encoders (the most
-    accurate threshold there, and fewer surplus clusters than the same-item/different-item
-    midpoint); benchmarks/runtime.py reports the check. Without that quantile, the exporter's
-    ``new_cluster_threshold``.
+    within a class, which are wider than the calibration's same-item distances (two views of one
+    drawing). On streams of 20 Protocol-A *train* characters x 20 drawings the most accurate
+    multiple of the midpoint was 1.1 (5w1s 93.5% encoder), 1.2 (90.1%), 1.4-1.6 (CACTUs, 72%) and
+    1.4 (MAML, 78%); 1.2 is within 1.6 points of each one's best for the two strong encoders and
+    finds 22-25 clusters for 20 (benchmarks/runtime.py reports the check).
     """
-    diff = calibration.get("different_item_quantiles") or {}
-    try:
-        tau = 0.8 * float(diff["0.05"])
-    except (KeyError, TypeError, ValueError):
-        tau = calibration.get("new_cluster_threshold")
-        if tau is None:
-            raise StateError("the bundle's calibration has neither a different-item 0.05 quantile nor "
-                             "new_cluster_threshold; pass threshold= explicitly") from None
-        tau = float(tau)
+    tau = calibration.get("new_cluster_threshold")
+    if tau is None:
+        raise StateError("the bundle's calibration has no new_cluster_threshold; pass threshold= explicitly")
+    tau = RULE_FACTOR * float(tau)
     if not math.isfinite(tau) or tau <= 0:
         raise StateError(f"calibration gives an unusable threshold {tau!r}; pass threshold= explicitly")
     return tau
+
+
+def threshold_from_calibration(calibration: dict) -> float:
+    """Default new-cluster threshold from a bundle's calibration: the one export chose without
+    labels and stored as ``cluster_threshold`` (export/calibration.py: the stream silhouette search
+    on the calibration images when it finds structure, else the rule), or for bundles exported
+    before that was stored, the rule (rule_threshold)."""
+    stored = calibration.get("cluster_threshold")
+    if isinstance(stored, dict) and "value" in stored:
+        try:
+            tau = float(stored["value"])
+        except (TypeError, ValueError):
+            tau = math.nan
+        if not math.isfinite(tau) or tau <= 0:
+            raise StateError(f"the bundle's stored cluster_threshold {stored['value']!r} is unusable; "
+                             "pass threshold= explicitly")
+        return tau
+    return rule_threshold(calibration)
 
 
 class StreamClusterer:
@@ -111,7 +129,8 @@ class StreamClusterer:
 
     def __init__(self, dim: int, threshold: float, distance: str = "cosine", max_clusters: int = 1000,
                  decay: float = 0.999, merge_threshold: float | None = None, temperature: float = 10.0,
-                 refine_every: int = 100, model: dict | None = None):
+                 refine_every: int = 100, min_size: int = 2, max_spread: float | None = None,
+                 model: dict | None = None):
         if distance not in ("cosine", "sqeuclidean"):
             raise InputError(f"distance must be 'cosine' or 'sqeuclidean', not {distance!r}")
         if not (isinstance(dim, (int, np.integer)) and dim > 0):
@@ -128,6 +147,10 @@ class StreamClusterer:
             raise InputError(f"temperature must be positive, not {temperature!r}")
         if refine_every < 0:
             raise InputError("refine_every must be >= 0")
+        if not (isinstance(min_size, (int, np.integer)) and min_size >= 1):
+            raise InputError(f"min_size must be an integer >= 1, not {min_size!r}")
+        if max_spread is not None and not (math.isfinite(max_spread) and max_spread >= 0):
+            raise InputError(f"max_spread must be >= 0, not {max_spread!r}")
         self.dim = int(dim)
         self.threshold = float(threshold)
         self.distance = distance
@@ -136,6 +159,8 @@ class StreamClusterer:
         self.merge_threshold = 0.25 * self.threshold if merge_threshold is None else float(merge_threshold)
         self.temperature = float(temperature)
         self.refine_every = int(refine_every)
+        self.min_size = int(min_size)
+        self.max_spread = MAX_SPREAD * self.threshold if max_spread is None else float(max_spread)
         self.model = dict(model or {})
         self._lock = threading.RLock()
         self._reset(capacity=min(64, self.max_clusters))
@@ -144,11 +169,14 @@ class StreamClusterer:
 
     @classmethod
     def from_bundle(cls, bundle, threshold: float | None = None, **params) -> "StreamClusterer":
-        """Dimension, distance and temperature from the bundle; the threshold from its calibration
-        unless given."""
+        """Dimension, distance and temperature from the bundle; the threshold (and the merge
+        threshold export chose with it, if any) from its calibration unless given."""
         out = bundle.output_spec
         if threshold is None:
             threshold = threshold_from_calibration(bundle.calibration)
+            stored = bundle.calibration.get("cluster_threshold")
+            if isinstance(stored, dict) and stored.get("merge_threshold") is not None:
+                params.setdefault("merge_threshold", float(stored["merge_threshold"]))
         params.setdefault("temperature", float(out.get("temperature") or 10.0))
         return cls(dim=int(out["dim"]), threshold=float(threshold), distance=out.get("distance", "cosine"),
                    model=model_identity(bundle), **params)
@@ -157,7 +185,7 @@ class StreamClusterer:
         return {"dim": self.dim, "threshold": self.threshold, "distance": self.distance,
                 "max_clusters": self.max_clusters, "decay": self.decay,
                 "merge_threshold": self.merge_threshold, "temperature": self.temperature,
-                "refine_every": self.refine_every}
+                "refine_every": self.refine_every, "min_size": self.min_size, "max_spread": self.max_spread}
 
     def _reset(self, capacity: int) -> None:
         d = self.dim
@@ -166,6 +194,9 @@ class StreamClusterer:
         # sample is learned by adding it, pre-scaled, to one row. prototype = sum / count.
         self._sums = np.zeros((capacity, d), np.float32)
         self._counts = np.zeros(capacity, np.float64)
+        # decayed sum of each member's distance to the prototype when it joined, in the same stored
+        # scale as the counts: spread / count = the cluster's mean member distance (its width)
+        self._spread = np.zeros(capacity, np.float64)
         self._cscale = 1.0
         # What is searched: unit-length prototypes for cosine, the prototypes for sqeuclidean.
         self._search = np.zeros((capacity, d), np.float32)
@@ -191,12 +222,32 @@ class StreamClusterer:
         return self._n
 
     @property
+    def n_found(self) -> int:
+        """Clusters that have absorbed at least ``min_size`` samples (or carry a label); the rest are
+        candidates: one far sample waiting for a second one near it."""
+        n = self._n
+        if self.min_size <= 1:
+            return n
+        mature = self._seen[:n] >= self.min_size
+        return int(mature.sum()) + sum(1 for s in np.flatnonzero(~mature) if self._labels[s] is not None)
+
+    @property
+    def n_candidates(self) -> int:
+        return self._n - self.n_found
+
+    @property
     def n_seen(self) -> int:
         return self._step
 
     @property
     def stats(self) -> dict:
         return dict(self._stats, clusters=self._n, seen=self._step)
+
+    def spreads(self) -> tuple[np.ndarray, np.ndarray]:
+        """(cluster ids, mean distance of the members to their prototype when they joined)."""
+        with self._lock:
+            n = self._n
+            return self._ids[:n].copy(), self._spread[:n] / np.maximum(self._counts[:n], 1e-300)
 
     # ------------------------------------------------------------------ public API
 
@@ -243,11 +294,12 @@ class StreamClusterer:
             for name in dict.fromkeys(names):
                 members = x[[i for i, n in enumerate(names) if n == name]]
                 mean, count = members.mean(0), float(len(members))
+                spread = float(((members - mean) ** 2).sum())  # the examples' own scatter
                 slot = self._slot_of_label(name)
                 if slot is None:
-                    slot = self._open(mean, count, label=name)
+                    slot = self._open(mean, count, label=name, spread=spread)
                 else:
-                    self._absorb(slot, mean, count)
+                    self._absorb(slot, mean, count, spread)
                 result[name] = int(self._ids[slot])
             return result
 
@@ -317,6 +369,7 @@ class StreamClusterer:
             # means and real counts are there for anyone reading the file
             arrays = {"means": self._means(), "counts": self._counts[:n] * self._cscale,
                       "stored_sums": self._sums[:n].copy(), "stored_counts": self._counts[:n].copy(),
+                      "stored_spread": self._spread[:n].copy(),
                       "search": self._search[:n].copy(), "sqn": self._sqn[:n].copy(),
                       "seen": self._seen[:n].copy(), "created": self._created[:n].copy(),
                       "last_seen": self._last[:n].copy(), "ids": self._ids[:n].copy(),
@@ -341,8 +394,8 @@ class StreamClusterer:
             raise StateError(f"{state_dir}: holds no saved state")
         arrays, meta, gen = found
         try:
-            if meta.get("format") != STATE_FORMAT:
-                raise StateError(f"{state_dir}: state format {meta.get('format')!r}, expected {STATE_FORMAT}")
+            if meta.get("format") not in (1, STATE_FORMAT):
+                raise StateError(f"{state_dir}: state format {meta.get('format')!r}, expected {STATE_FORMAT} (or 1)")
             params = dict(meta["params"], **overrides)
             obj = cls(model=meta.get("model"), **params)
             obj._restore(arrays, meta)
@@ -378,6 +431,14 @@ class StreamClusterer:
         else:
             self._counts[:n] = counts
             self._sums[:n] = means * counts[:, None]
+        if "stored_spread" in arrays:
+            if np.shape(arrays["stored_spread"]) != (n,) or not np.isfinite(arrays["stored_spread"]).all():
+                raise StateError("saved spreads do not match the saved prototypes")
+            self._spread[:n] = arrays["stored_spread"]
+        else:
+            # format 1 kept no spread: assume each cluster is as wide as max_spread allows, so an
+            # old cluster only merges with a very close one until its new members say otherwise
+            self._spread[:n] = self._counts[:n] * self.max_spread
         self._seen[:n] = arrays["seen"]
         self._created[:n] = arrays["created"]
         self._last[:n] = arrays["last_seen"]
@@ -415,6 +476,12 @@ class StreamClusterer:
                 raise InputError("an all-zero embedding has no direction for cosine distance")
             return x / norms
         return x.copy() if isinstance(X, np.ndarray) and np.may_share_memory(x, X) else x
+
+    def _device(self, x: np.ndarray) -> np.ndarray:
+        """A mean of prepared rows in the searched space (unit length for cosine)."""
+        if self.distance == "cosine":
+            return x / max(float(np.linalg.norm(x)), 1e-30)
+        return x
 
     def _means(self) -> np.ndarray:
         n = self._n
@@ -493,6 +560,7 @@ class StreamClusterer:
                 m = self._sums[j]
                 m += xs[i]
                 self._counts[j] += inv_list[i]
+                self._spread[j] += inv_list[i] * dj
                 self._seen[j] += 1
                 self._last[j] = step
                 p = self._search[j]
@@ -531,6 +599,7 @@ class StreamClusterer:
         n = self._n
         self._sums[:n] *= self._cscale
         self._counts[:n] *= self._cscale
+        self._spread[:n] *= self._cscale
         self._cscale = 1.0
 
     def _confidence(self, d1: float, d2: float, new: bool) -> float:
@@ -566,22 +635,25 @@ class StreamClusterer:
                 col -= 0.5 * self._sqn[s]
             self._scores[r:, s] = col
 
-    def _absorb(self, s: int, x: np.ndarray, weight: float) -> None:
+    def _absorb(self, s: int, x: np.ndarray, weight: float, spread: float = 0.0) -> None:
+        p, q = self._search[s], self._device(x)
+        d = float(np.dot(p - q, p - q))  # the examples' mean against the prototype they join
         self._sums[s] += x * (weight / self._cscale)
         self._counts[s] += weight / self._cscale
+        self._spread[s] += (spread + weight * d) / self._cscale
         self._seen[s] += int(round(weight))
         self._last[s] = max(self._step - 1, 0)
         self._refresh(s)
 
     def _grow(self) -> None:
         cap = min(2 * len(self._sums), self.max_clusters)
-        for name in ("_sums", "_search", "_sqn", "_counts", "_seen", "_created", "_last", "_ids"):
+        for name in ("_sums", "_search", "_sqn", "_counts", "_spread", "_seen", "_created", "_last", "_ids"):
             old = getattr(self, name)
             new = np.zeros((cap,) + old.shape[1:], old.dtype)
             new[:self._n] = old[:self._n]
             setattr(self, name, new)
 
-    def _open(self, x: np.ndarray, count: float, label: str | None = None) -> int:
+    def _open(self, x: np.ndarray, count: float, label: str | None = None, spread: float = 0.0) -> int:
         if self._n >= self.max_clusters:
             self._evict()
         if self._n >= len(self._sums):
@@ -592,6 +664,7 @@ class StreamClusterer:
         self._next_id += 1
         self._sums[s] = x * (count / self._cscale)
         self._counts[s] = count / self._cscale
+        self._spread[s] = spread / self._cscale
         self._seen[s] = int(round(count))
         self._created[s] = self._last[s] = max(self._step - 1, 0)
         self._ids[s] = cid
@@ -617,8 +690,8 @@ class StreamClusterer:
         last = self._n - 1
         del self._slot[int(self._ids[s])]
         if s != last:  # keep active slots contiguous: move the last one into the hole
-            for arr in (self._sums, self._search, self._sqn, self._counts, self._seen, self._created,
-                        self._last, self._ids):
+            for arr in (self._sums, self._search, self._sqn, self._counts, self._spread, self._seen,
+                        self._created, self._last, self._ids):
                 arr[s] = arr[last]
             if self._scores is not None:
                 self._scores[:, s] = self._scores[:, last]
@@ -628,19 +701,35 @@ class StreamClusterer:
         self._n = last
 
     def _maybe_merge(self, j: int, k: int) -> None:
-        dist = float(self._sqn[j] + self._sqn[k] - 2.0 * np.dot(self._search[j], self._search[k]))
-        if dist >= self.merge_threshold:
-            return
+        """Merge winner j with runner-up k when their prototypes are within merge_threshold, both
+        are established clusters (min_size samples, or labelled) and the merged cluster would be no
+        wider than max_spread. The last condition is what stops chains: merging two clusters whose
+        members lie apart widens the result, so a cluster that grew by merging its neighbours
+        cannot go on to swallow theirs."""
         lj, lk = self._labels[j], self._labels[k]
         if lj is not None and lk is not None and lj != lk:
             return
+        m = self.min_size
+        if (lj is None and self._seen[j] < m) or (lk is None and self._seen[k] < m):
+            return
+        dist = float(self._sqn[j] + self._sqn[k] - 2.0 * np.dot(self._search[j], self._search[k]))
+        if dist >= self.merge_threshold or self._merged_spread(j, k, dist) > self.max_spread:
+            return
         self._merge_slots(j, k)
+
+    def _merged_spread(self, a: int, b: int, dist: float) -> float:
+        """Mean member distance of a and b merged: each side's own spread plus the shift of its
+        prototype to the merged one (exact for squared Euclidean means; close for cosine)."""
+        ca, cb = self._counts[a], self._counts[b]
+        return float((self._spread[a] + self._spread[b] + ca * cb / (ca + cb) * dist) / (ca + cb))
 
     def _merge_slots(self, a: int, b: int) -> int:
         """Merge slots a and b; the labelled (else the heavier) one keeps its id. Returns it."""
         la, lb = self._labels[a], self._labels[b]
         keep_a = (la is not None) if (la is None) != (lb is None) else self._counts[a] >= self._counts[b]
         s, o = (a, b) if keep_a else (b, a)
+        dist = float(self._sqn[s] + self._sqn[o] - 2.0 * np.dot(self._search[s], self._search[o]))
+        self._spread[s] = self._merged_spread(s, o, max(dist, 0.0)) * (self._counts[s] + self._counts[o])
         self._sums[s] += self._sums[o]  # same scale: the merged prototype is the count-weighted mean
         self._counts[s] += self._counts[o]
         self._seen[s] += self._seen[o]
@@ -671,7 +760,7 @@ class StreamClusterer:
         weight = self.decay ** (self._step - 1 - steps) / self._cscale
         search, sqn = self._search[touched], self._sqn[touched]
         d = np.maximum((x * x).sum(1)[:, None] - 2.0 * (x @ search.T) + sqn[None], 0.0)
-        logits = -self.temperature * d
+        logits = -self._refine_temperature() * d
         logits -= logits.max(1, keepdims=True)
         votes = np.exp(logits)
         votes *= (weight / votes.sum(1))[:, None]
@@ -681,6 +770,7 @@ class StreamClusterer:
         # a cluster whose samples (nearly) all vote elsewhere is dissolved; known classes never are
         alive = (counts > 0.1 * before) | np.array([self._labels[t] is not None for t in touched])
         keep = touched[alive]
+        self._spread[keep] *= counts[alive] / before[alive]  # the width is kept, the mass moves
         self._counts[keep] = counts[alive]
         self._sums[keep] += (votes.T @ x).astype(np.float32)[alive]
         self._refresh_rows(keep)
@@ -702,6 +792,14 @@ class StreamClusterer:
             if self._n > 1:
                 self._remove_slot(s)
                 self._stats["dissolved"] += 1
+
+    def _refine_temperature(self) -> float:
+        """The logit scale of the refinement's soft votes: the bundle's temperature, but never so
+        low that a distance difference of one threshold is worth less than REFINE_SHARPNESS in
+        logits. A weakly trained encoder has a low temperature and all its distances are short: its
+        soft votes were nearly uniform and every refinement pulled all prototypes to the window
+        mean, where they merged into one cluster."""
+        return max(self.temperature, REFINE_SHARPNESS / self.threshold)
 
     def _refresh_rows(self, idx: np.ndarray) -> None:
         """_refresh for many slots at once (without touching a batch's scores)."""

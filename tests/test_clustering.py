@@ -101,8 +101,8 @@ def test_cap_evicts_least_used_unlabelled_cluster():
 def test_clusters_that_drift_together_are_merged_and_ids_resolve():
     # 45 degrees apart: d = 2 - 2 cos 45 = 0.59 opens a second cluster; the merge line is 0.2
     c = StreamClusterer(D, threshold=0.5, merge_threshold=0.2, decay=1.0)
-    a0 = c.partial_fit(np.stack([axis(0)]))[0]
-    a1 = c.partial_fit(np.stack([unit(axis(0) + axis(1, 1.0))]))[0]
+    a0 = c.partial_fit(np.stack([axis(0)] * 2))[0]  # two samples each: established clusters (min_size)
+    a1 = c.partial_fit(np.stack([unit(axis(0) + axis(1, 1.0))] * 2))[0]
     assert a1.new_cluster and c.n_clusters == 2
     # samples in between pull the two prototypes together until they merge
     between = np.stack([unit(axis(0) + axis(1, 0.45))] * 30)
@@ -232,11 +232,16 @@ def test_bad_labels_and_ids_are_refused():
     assert c.n_clusters == 0
 
 
-def test_threshold_from_calibration_rule_and_fallback():
+def test_threshold_from_calibration_rule_and_stored_threshold():
     cal = {"same_item_quantiles": {"0.95": 0.3, "0.99": 0.4}, "different_item_quantiles": {"0.05": 0.75},
-           "new_cluster_threshold": 0.1}
+           "new_cluster_threshold": 0.5}
+    # a bundle exported before the threshold was stored: the rule, 1.2 x the midpoint
     assert threshold_from_calibration(cal) == pytest.approx(0.6)
-    assert threshold_from_calibration({"new_cluster_threshold": 0.3}) == pytest.approx(0.3)
+    # the threshold export chose (and stored) wins over the rule
+    stored = dict(cal, cluster_threshold={"value": 1.1, "chosen_by": "stream silhouette", "rule_threshold": 0.6})
+    assert threshold_from_calibration(stored) == pytest.approx(1.1)
+    with pytest.raises(StateError):
+        threshold_from_calibration(dict(cal, cluster_threshold={"value": -1}))
     with pytest.raises(StateError):
         threshold_from_calibration({})
 
@@ -247,7 +252,7 @@ def test_batched_partial_fit_equals_one_sample_at_a_time(distance):
     that must be the same as learning sample by sample (merges, evictions, refinement included)."""
     x, _, _ = blobs(n_classes=12, per_class=25, noise=0.15, seed=7)
     params = dict(threshold=0.5, distance=distance, max_clusters=10, merge_threshold=0.45, refine_every=37,
-                  decay=0.99)
+                  decay=0.99, max_spread=4.0)
     batched, single = StreamClusterer(D, **params), StreamClusterer(D, **params)
     a = batched.partial_fit(x)
     b = [r for i in range(len(x)) for r in single.partial_fit(x[i:i + 1])]
@@ -300,3 +305,112 @@ def test_unlabelled_threshold_selection_recovers_a_too_small_threshold():
     assert abs(c.n_clusters - 6) <= 2
     with pytest.raises(InputError):
         select_threshold(make, [x[:2]], base)
+
+
+# ----------------------------------------------------------------------------- held candidates, merges
+
+def test_a_far_sample_is_a_candidate_until_a_second_one_joins_it():
+    c = StreamClusterer(D, threshold=0.3, decay=1.0, refine_every=0)
+    first = c.partial_fit(np.stack([axis(0)]))[0]
+    assert first.new_cluster and c.n_clusters == 1 and c.n_found == 0 and c.n_candidates == 1
+    second = c.partial_fit(np.stack([unit(axis(0) + axis(1, 0.2))]))[0]
+    # the cluster opens with the id the first sample was given on arrival
+    assert not second.new_cluster and second.cluster_id == first.cluster_id
+    assert c.n_found == 1 and c.n_candidates == 0
+    lone = c.partial_fit(np.stack([axis(5)]))[0]  # far from everything and alone: held
+    assert lone.new_cluster and c.n_found == 1 and c.n_candidates == 1
+    c.learn_examples(np.stack([axis(7)]), ["seven"])  # one labelled example is a known class at once
+    assert c.n_found == 2 and c.n_candidates == 1
+    single = StreamClusterer(D, threshold=0.3, min_size=1)  # min_size=1: every cluster counts at once
+    single.partial_fit(np.stack([axis(0)]))
+    assert single.n_found == 1 and single.n_candidates == 0
+
+
+def test_a_candidate_is_never_merged_until_it_is_established():
+    c = StreamClusterer(D, threshold=0.01, decay=1.0, refine_every=0, merge_threshold=0.0)
+    c.partial_fit(np.stack([axis(0)] * 3 + [unit(axis(0) + axis(1, 0.3))]))  # A: 3 samples, B: one
+    ids = sorted(i.id for i in c.clusters())
+    c.threshold, c.merge_threshold, c.max_spread = 0.5, 0.2, 0.25  # A and B are 0.084 apart
+    c.partial_fit(np.stack([axis(0)]))  # joins A, B is the runner-up within merge distance
+    assert c.stats["merged"] == 0 and c.n_clusters == 2 and c.n_candidates == 1
+    c.partial_fit(np.stack([unit(axis(0) + axis(1, 0.3))]))  # B's second sample: now both are established
+    assert c.stats["merged"] == 1 and c.n_clusters == 1
+    assert c.resolve(ids[0]) == c.resolve(ids[1])
+
+
+def test_merge_refused_when_the_merged_cluster_would_be_too_wide():
+    c = StreamClusterer(D, threshold=0.01, decay=1.0, refine_every=0, merge_threshold=0.0)
+    # two wide clusters (members spread across other axes) whose centres are 20 degrees (0.12) apart
+    centre = lambda deg: unit(axis(0) * math.cos(math.radians(deg)) + axis(1, math.sin(math.radians(deg))))
+    for mid in (0.0, 20.0):
+        c.threshold = 0.01
+        first = c.partial_fit(np.stack([centre(mid)] * 6))[0].cluster_id
+        c.threshold = 0.5
+        for k in range(2, 8):
+            for sign in (1, -1):
+                assert c.partial_fit(np.stack([unit(centre(mid) + axis(k, 0.45 * sign))]))[0].cluster_id == first
+    ids, spread = c.spreads()
+    assert len(ids) == 2 and (spread > 0.08).all()  # 12 of 18 members joined 0.15-0.25 from it
+    c.merge_threshold, c.max_spread = 0.2, 0.15
+    c.partial_fit(np.stack([centre(10.0)]))  # between the two: joins one, the other is the runner-up
+    assert c.stats["merged"] == 0 and c.n_clusters == 2
+    c.max_spread = 0.5  # a looser bound lets the same pair merge
+    c.partial_fit(np.stack([centre(10.0)]))
+    assert c.stats["merged"] == 1 and c.n_clusters == 1
+
+
+def _separated_blobs(n=6, sep=0.3, noise=0.03, per=40, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = np.eye(D)[:n] * math.sqrt(sep / 2)  # every pair of centres sep apart (squared)
+    y = rng.permutation(np.repeat(np.arange(n), per))
+    return (centres[y] + noise * rng.normal(size=(len(y), D))).astype(np.float32), y
+
+
+def test_merges_do_not_chain_across_well_separated_clusters_with_a_low_temperature(monkeypatch):
+    """A weakly trained encoder: short distances and a low logit scale. Refinement used that scale
+    as is, so its soft votes were nearly uniform, pulled every prototype to the window mean, and the
+    prototypes merged in a chain (the demo's one 817-image cluster). Blobs 0.3 apart, threshold 0.15:"""
+    import protoedge.runtime.clustering as clustering
+
+    x, y = _separated_blobs()
+    d = ((x[:, None] - x[None]) ** 2).sum(-1)
+    assert d[y[:, None] == y[None]].max() < 0.15 < d[y[:, None] != y[None]].min()
+
+    def run():
+        c = StreamClusterer(D, threshold=0.15, distance="sqeuclidean", temperature=1.0, refine_every=20, decay=1.0)
+        ids = np.array([c.resolve(a.cluster_id) for a in c.partial_fit(x)])
+        return c, ids
+
+    c, ids = run()
+    assert c.n_found == 6 and c.stats["merged"] == 0
+    assert all(len(np.unique(y[ids == k])) == 1 for k in np.unique(ids))  # every cluster is one blob
+    monkeypatch.setattr(clustering, "REFINE_SHARPNESS", 0.0)  # the old refinement: votes at temperature 1
+    old, old_ids = run()
+    assert old.stats["merged"] > 0 and old.n_found < 6  # the test does catch the chain
+
+
+def test_refinement_votes_are_at_least_sharp_enough_for_the_threshold():
+    c = StreamClusterer(D, threshold=0.2, temperature=1.0)
+    assert c._refine_temperature() == pytest.approx(10.0 / 0.2)
+    assert StreamClusterer(D, threshold=0.5, temperature=40.0)._refine_temperature() == 40.0
+
+
+def test_state_format_1_still_loads(tmp_path):
+    from protoedge.runtime.state import load_latest, save_generation
+
+    c = StreamClusterer(D, threshold=0.3, refine_every=0)
+    x, _, _ = blobs(n_classes=4, per_class=10, noise=0.05, seed=3)
+    c.partial_fit(x)
+    c.save(tmp_path / "new")
+    arrays, meta, _ = load_latest(tmp_path / "new")
+    # what format 1 wrote: no spread, no min_size / max_spread among the settings
+    arrays = {k: v for k, v in arrays.items() if k != "stored_spread"}
+    meta = dict(meta, format=1, params={k: v for k, v in meta["params"].items() if k not in ("min_size", "max_spread")})
+    save_generation(tmp_path / "old", arrays, meta)
+    r = StreamClusterer.load(tmp_path / "old")
+    assert r.predict(x) == c.predict(x) and r.clusters() == c.clusters()
+    ids, spread = r.spreads()
+    assert np.allclose(spread, r.max_spread)  # unknown width: assumed as wide as a merge allows
+    with pytest.raises(StateError, match="format"):
+        save_generation(tmp_path / "future", arrays, dict(meta, format=99))
+        StreamClusterer.load(tmp_path / "future")

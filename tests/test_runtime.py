@@ -214,7 +214,7 @@ def test_native_tensorrt_backend_on_a_gpu(bundle, data, tmp_path):
 def test_runtime_clusters_pixels_and_few_shot_examples(bundle, data):
     images, labels = data
     rt = Runtime(bundle, backend="cpu")
-    assert rt.clusterer.threshold == pytest.approx(0.8 * bundle.calibration["different_item_quantiles"]["0.05"])
+    assert rt.clusterer.threshold == pytest.approx(1.2 * bundle.calibration["new_cluster_threshold"])  # the rule
     out = rt.cluster(images)
     assert len(out) == len(images) and out[0].new_cluster
     assert rt.clusterer.n_clusters == len({a.cluster_id for a in out if a.new_cluster}) - rt.clusterer.stats["merged"]
