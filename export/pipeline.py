@@ -20,7 +20,7 @@ from protoedge.datasets import ImageSet, load_images, load_split, protocols
 from protoedge.runtime.bundle import SCHEMA_VERSION, Bundle, load_bundle, sha256_file
 
 from . import bundle_writer, measure
-from .calibration import distance_calibration
+from .calibration import cluster_threshold, distance_calibration
 from .onnx_export import OPSET, ExportError, check_fp32_parity, compare, export_fp32, run_onnx, run_torch
 from .precision import to_fp16, to_int8
 
@@ -215,6 +215,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
         steps("speed")
         calibration = distance_calibration(lambda x: run_onnx(fp32_path, x), calib_set.images, distance,
                                            opts.calib_items, opts.seed)
+        calibration["cluster_threshold"] = cluster_threshold(lambda x: run_onnx(fp32_path, x), calib_set.images,
+                                                             calibration, temperature, seed=opts.seed)
         steps("calibration")
         manifest = {
             "schema_version": SCHEMA_VERSION,

@@ -6,12 +6,19 @@ One estimator, scikit-learn style: parameters in the constructor, state learned 
 single-pass limit of DP-means (Kulis & Jordan 2012) as used by Online ProtoNet / OUPN:
 
 * a sample joins the nearest prototype, or opens a new cluster when it is farther than
-  ``threshold`` from all of them;
+  ``threshold`` from all of them; it gets that cluster's id at once, but the cluster is only a
+  *candidate* (not counted in ``n_found``) until ``min_size`` samples have joined it: a lone far
+  sample is an outlier or the first of a new class, and only a second one near it tells which;
 * the winner moves by a count-weighted running mean, and every count decays by ``decay`` per
   sample, so old clusters fade and the least used one is evicted when ``max_clusters`` is reached;
-* when the winner drifts within ``merge_threshold`` of its runner-up the two are merged;
+* when the winner's prototype is within ``merge_threshold`` of its runner-up's, both are
+  established (``min_size`` samples or a label) and the merged cluster would be no wider than
+  ``max_spread`` (mean member distance to the prototype, tracked per cluster), the two merge;
+  the width condition stops chains: a cluster grown by merging cannot keep absorbing neighbours;
 * every ``refine_every`` samples, one soft k-means step (Ren et al. 2018) re-weighs that window's
-  contributions to the prototypes; clusters whose mass moves away entirely are dissolved.
+  contributions to the prototypes; clusters whose mass moves away entirely are dissolved. Its
+  votes are never softer than REFINE_SHARPNESS logits per threshold of distance (see
+  ``_refine_temperature``).
 
 Distances follow the bundle: ``cosine`` = squared Euclidean between L2-normalised vectors
 (2 - 2 cos), ``sqeuclidean`` = squared Euclidean on raw embeddings. Prototypes live in a
@@ -120,11 +127,16 @@ class StreamClusterer:
     max_clusters: cap; when reached, the least used (lowest decayed count) unlabelled cluster is
       evicted to make room.
     decay: multiplies every count once per learned sample (0.999 = half-life ~700 samples).
-    merge_threshold: winner and runner-up closer than this are merged (default 0.25 * threshold:
-      near-duplicates only, wider merging joined distinct classes on train streams; 0 disables).
+    merge_threshold: winner and runner-up closer than this may merge (default 0.25 * threshold;
+      0 disables; bundles whose export found broad classes store their own, see from_bundle).
     temperature: logit scale for confidences and refinement (the bundle's trained value).
     refine_every: run one soft k-means step over each window of this many samples (0 = off; 100
       was best of 0/20/50/100 on Protocol-A train streams).
+    min_size: samples a cluster needs before it counts as found and may merge (2: a far sample
+      waits for a second one near it; 1: every cluster counts at once).
+    max_spread: a merge is refused if the merged cluster's mean member distance would exceed this
+      (default MAX_SPREAD * threshold; on MNIST-train streams it kept 4/9-style merges out: 92.5%
+      ACC against 85.6% without it).
     """
 
     def __init__(self, dim: int, threshold: float, distance: str = "cosine", max_clusters: int = 1000,

@@ -200,3 +200,42 @@ def test_calibration_and_eval_data_sources(tmp_path):
         pipeline.resolve_images(str(tmp_path / "missing"), "train")
     assert pipeline.default_protocol({"config": {"protocol": "mnist"}}) == "mnist"
     assert pipeline.default_protocol({}) == "omniglot-a"
+
+
+def test_bundle_stores_the_clustering_threshold_and_info_shows_it(exported):
+    from protoedge.runtime import StreamClusterer
+    from protoedge.runtime.clustering import rule_threshold
+
+    cal = exported.bundle.calibration
+    ct = cal["cluster_threshold"]
+    assert ct["chosen_by"] in ("calibration rule", "stream silhouette")
+    assert ct["rule_threshold"] == pytest.approx(rule_threshold(cal)) and ct["value"] > 0
+    assert ct["search"]["images"] == 5000 and set(ct["search"]["silhouette_by_merge_fraction_and_factor"]) == {"0.25", "0.5"}
+    c = StreamClusterer.from_bundle(exported.bundle)
+    assert c.threshold == pytest.approx(ct["value"])  # the runtime's default is what export stored
+    res = CliRunner().invoke(main, ["info", str(exported.bundle.root)])
+    assert res.exit_code == 0 and f"clustering threshold={ct['value']:.4g}" in res.output
+
+
+def _unit_rows(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_cluster_threshold_search_wins_only_when_it_finds_structure():
+    from protoedge.export.calibration import cluster_threshold
+
+    rng = np.random.default_rng(0)
+    # a few broad classes: 6 directions, wide spread around each; the rule's threshold (1.2 x the
+    # midpoint below) cuts every class into many clusters, the search finds the classes
+    centres = _unit_rows(rng.normal(size=(6, 16)))
+    broad = _unit_rows(centres[rng.integers(0, 6, 3000)] + 0.1 * rng.normal(size=(3000, 16)))
+    cal = {"distance": "cosine", "new_cluster_threshold": 0.1}
+    got = cluster_threshold(lambda x: x, broad, cal, temperature=10.0, n_images=2000)
+    assert got["chosen_by"] == "stream silhouette" and got["value"] > got["rule_threshold"] == pytest.approx(0.12)
+    assert got["search"]["best_silhouette"] >= 0.25 and got["merge_threshold"] > 0
+    # no structure (directions uniformly at random): the rule stands, no merge setting is stored
+    flat = _unit_rows(rng.normal(size=(3000, 16)))
+    got = cluster_threshold(lambda x: x, flat, {"distance": "cosine", "new_cluster_threshold": 1.0}, 10.0,
+                            n_images=2000)
+    assert got["chosen_by"] == "calibration rule" and got["value"] == pytest.approx(1.2)
+    assert got["search"]["best_silhouette"] < 0.25 and "merge_threshold" not in got
