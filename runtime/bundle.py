@@ -94,6 +94,11 @@ class Bundle:
             f"(same-item q0.95={c['same_item_quantiles']['0.95']:.4g}, "
             f"different-item q0.05={c['different_item_quantiles']['0.05']:.4g})",
         ]
+        ct = c.get("cluster_threshold")
+        if isinstance(ct, dict) and _is_number(ct.get("value")):
+            merge = f" merge_threshold={ct['merge_threshold']:.4g}" if _is_number(ct.get("merge_threshold")) else ""
+            lines.append(f"clustering threshold={ct['value']:.4g}{merge} (chosen by {ct.get('chosen_by', '?')}; "
+                         f"calibration rule {ct.get('rule_threshold', float('nan')):.4g})")
         for p in self.precisions:
             v = m["variants"][p]
             f = m["files"][v["file"]]
