@@ -59,8 +59,9 @@ def register(main: click.Group, bench: click.Group) -> None:
 
         \b
         Several processes (DistributedDataParallel; gloo on CPU, nccl on GPUs):
-          torchrun --nproc-per-node N --no-python protoedge train ... --set episodes_per_step=N
-        Rank 0 logs and writes the checkpoint; a run resumes with any number of processes."""
+          torchrun --standalone --nproc-per-node N --no-python protoedge train ...
+        Each process computes episodes_per_step / N episodes of a step (default: one each). Rank 0
+        logs and writes the checkpoint; a run resumes with any number of processes."""
         require_torch()
         from .config import parse_duration, recipe_config
 
