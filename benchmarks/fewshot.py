@@ -89,7 +89,8 @@ def ensure_trained(runs: Path, protocol: str, recipe: str, budget: float, quick:
 
 
 def embeddings_for(row_kind: str, protocol: str, runs: Path, budget: float, quick: bool):
-    """(embedding of the test images, distance, training seconds, source description)."""
+    """(embedding of the test images, distance, training seconds, source description, budget in
+    seconds the checkpoint was trained with: a reused run keeps its own, which may differ from ROWS)."""
     import torch
 
     from protoedge import datasets
@@ -101,23 +102,24 @@ def embeddings_for(row_kind: str, protocol: str, runs: Path, budget: float, quic
 
     test = datasets.load_split(protocol, "test")
     if row_kind == "pixels":
-        return test.images.reshape(len(test), -1).astype(np.float32) / 255, "sqeuclidean", 0.0, "784-d pixels"
+        return test.images.reshape(len(test), -1).astype(np.float32) / 255, "sqeuclidean", 0.0, "784-d pixels", 0
     if row_kind == "random":
         torch.manual_seed(0)
         encoder = Encoder()
         pool, _ = unlabelled_pool(protocol)
         recalibrate_batchnorm(encoder, pool, np.random.default_rng(0))  # BN statistics only, no learning
-        return embed(encoder, test.images), "cosine", 0.0, "Conv4-64, random weights, BN statistics of training images"
+        return embed(encoder, test.images), "cosine", 0.0, "Conv4-64, random weights, BN statistics of training images", 0
     if row_kind == "stage1-of-default":
         default_ckpt = ensure_trained(runs, protocol, "default", dict((r[1], r[3]) for r in ROWS if r[2] == "default")[protocol], quick)
         path = default_ckpt.parent / "stage1_autoencoder.safetensors"
         encoder, meta = load_encoder(path)
         seconds = meta["state"]["elapsed"]
-        return embed(encoder, test.images), "cosine", seconds, f"stage 1 of the default run ({path.name})"
+        return embed(encoder, test.images), "cosine", seconds, f"stage 1 of the default run ({path.name})", 0
     path = ensure_trained(runs, protocol, row_kind, budget, quick)
     encoder, meta = load_encoder(path)
     seconds = meta.get("metrics", {}).get("seconds", meta["state"]["elapsed"])
-    return embed(encoder, test.images), meta["distance"], seconds, str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+    source = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+    return embed(encoder, test.images), meta["distance"], seconds, source, meta["config"].get("time_budget_s", budget)
 
 
 def evaluate_row(row, runs: Path, quick: bool) -> dict:
@@ -127,7 +129,7 @@ def evaluate_row(row, runs: Path, quick: bool) -> dict:
     name, protocol, kind, budget = row
     test = datasets.load_split(protocol, "test")
     t0 = time.time()
-    z, distance, seconds, source = embeddings_for(kind, protocol, runs, budget, quick)
+    z, distance, seconds, source, budget = embeddings_for(kind, protocol, runs, budget, quick)
     episodes = 100 if quick else EPISODES
     result = {"row": name, "protocol": protocol, "kind": kind, "distance": distance, "source": source,
               "budget_s": budget, "train_seconds": round(seconds, 1),
