@@ -43,10 +43,18 @@ def test_tiny_resnet12_contract_decoder_and_checkpoint(tmp_path):
     assert meta["encoder_config"]["backbone"] == "resnet12" and torch.equal(loaded(x), enc(x))
 
 
-def test_checkpoints_from_before_the_backbone_field_are_conv4():
-    enc, meta = ckpt.load_encoder("models/omniglot/encoder.safetensors")
+def test_checkpoints_from_before_the_backbone_field_are_conv4(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    path = ckpt.save_checkpoint(tmp_path / "new.safetensors", Encoder().eval(), {"distance": "cosine"})
+    _, meta = ckpt.load_checkpoint(path)
+    del meta["encoder_config"]["backbone"]  # the header as the trainer wrote it before the field existed
+    save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata={"protoedge": json.dumps(meta)})
+    enc, meta = ckpt.load_encoder(tmp_path / "old.safetensors")
     assert "backbone" not in meta["encoder_config"] and enc.config.backbone == "conv4"
-    assert enc(torch.zeros(2, 1, 28, 28, dtype=torch.uint8)).shape == (2, 64)
+    x = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    assert torch.equal(enc(x), ckpt.load_encoder(path)[0](x))
 
 
 def test_gpu_recipe_settings():
