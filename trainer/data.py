@@ -56,7 +56,8 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(datasets._read_image(self.files[i], (self.size, self.size), self.channels))
+        pixels = datasets._read_image(self.files[i], (self.size, self.size), self.channels)
+        return torch.from_numpy(pixels.copy())  # Pillow's buffer is read-only
 
 
 class _Wanted(torch.utils.data.Sampler):
