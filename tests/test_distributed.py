@@ -126,3 +126,16 @@ def test_episodes_per_step_must_split_over_the_processes():
         resolve(config(episodes_per_step=3), world=2)
     with pytest.raises(ConfigError, match="maml"):
         resolve(recipe_config("maml", episodes_per_step=2), world=2)
+
+
+def test_cli_offers_the_scale_out_options():
+    from click.testing import CliRunner
+
+    from protoedge.cli import main
+
+    r = CliRunner().invoke(main, ["train", "--help"])
+    assert r.exit_code == 0 and "torchrun" in r.output
+    for word in ("--data", "--stop-after", "--no-report", "gpu"):
+        assert word in r.output
+    r = CliRunner().invoke(main, ["bench", "scale", "--help"])
+    assert r.exit_code == 0 and "--windows" in r.output
