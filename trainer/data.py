@@ -4,6 +4,9 @@ from disk by DataLoader worker processes.
 Both answer len(pool) and pool.take(indices) -> uint8 [n, C, H, W] at the encoder's input size, so
 the training loop draws indices the same way for both (from the run's generator, hence exactly
 resumable and identical on every distributed rank) and reads only the images it needs.
+
+Limit: a folder step's images are read when the step has been drawn (parallel over the workers, but
+no prefetch of the next step, whose indices depend on k-means refreshes that happen in between).
 """
 from __future__ import annotations
 
