@@ -109,3 +109,18 @@ def test_bad_demo_options_are_clear_errors(tmp_path, args, message):
     result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), *args])
     assert result.exit_code != 0
     assert message in result.output
+
+
+def test_demo_threshold_for_one_alphabet_streams():
+    from types import SimpleNamespace
+
+    from protoedge.demo import ALPHABET_THRESHOLD_FACTOR, demo_threshold
+
+    rule = SimpleNamespace(calibration={"new_cluster_threshold": 0.4, "cluster_threshold": {
+        "value": 0.48, "chosen_by": "calibration rule"}})
+    assert demo_threshold(rule, None)[0] == pytest.approx(ALPHABET_THRESHOLD_FACTOR * 0.4) == pytest.approx(0.4)
+    assert demo_threshold(rule, 0.7) == (0.7, "--threshold")
+    # a bundle whose export found its own class granularity keeps it
+    found = SimpleNamespace(calibration={"new_cluster_threshold": 0.4, "cluster_threshold": {
+        "value": 1.1, "chosen_by": "stream silhouette"}})
+    assert demo_threshold(found, None)[0] is None
