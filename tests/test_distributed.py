@@ -73,9 +73,11 @@ def test_two_processes_train_the_one_process_model_and_resume_each_other(tmp_pat
     one_half = train_mod.train(config(), tmp_path / "one-half", progress=False, stop_at_step=SPLIT)
 
     # two processes: up to SPLIT from scratch (autoencoder stage, k-means on rank 0 broadcast, meta
-    # steps), then, as a new session, the rest of the run from the one-process checkpoint
+    # steps), then, as a new session, the rest of the run from the one-process checkpoint; last, a
+    # run on a time budget, where only agreeing on rank 0's clock keeps the ranks from deadlocking
     torchrun(["--out", str(tmp_path / "two-half"), "--stop-after", str(SPLIT)],
-             ["--out", str(tmp_path / "two-from-one"), "--resume", str(one_half)], cwd=tmp_path)
+             ["--out", str(tmp_path / "two-from-one"), "--resume", str(one_half)],
+             ["--out", str(tmp_path / "two-budget"), "--steps", "0", "--time-budget", "13"], cwd=tmp_path)
     two_half = tmp_path / "two-half" / "checkpoint.safetensors"
     t2, _ = assert_same_model(two_half, one_half)
     meta = ckpt.load_checkpoint(two_half)[1]
@@ -96,6 +98,8 @@ def test_two_processes_train_the_one_process_model_and_resume_each_other(tmp_pat
         assert_same_model(path, straight)
     # the tolerance is meaningful: three more steps move the weights by far more than it
     assert max_difference(two_half, straight) > 100 * ATOL
+    _, m = ckpt.load_checkpoint(tmp_path / "two-budget" / "checkpoint.safetensors")
+    assert m["state"]["stage"] == "done" and m["config"]["steps"] == 0 and m["world_size"] == 2
 
 
 def test_step_is_drawn_whole_and_split_by_rank():
