@@ -337,7 +337,8 @@ def measure_daemon(bundle: str, fsync: str, seconds: float, n_latency: int, thre
                 "seconds": t["elapsed_s"], "p50_ms": float(np.percentile(lms, 50)),
                 "p99_ms": float(np.percentile(lms, 99)),
                 "server_cpu_s": _proc_cpu_seconds(server.pid) - cpu0, "client_cpu_s": t["client_cpu_s"],
-                "encoder_calls": calls, "images_per_call": (b1[1] - b0[1]) / max(calls, 1)}
+                "encoder_calls": calls, "images_per_call": (b1[1] - b0[1]) / max(calls, 1),
+                "batch_ms": 1e3 * (b1[2] - b0[2]) / max(calls, 1), "fsync_ms_per_batch": 1e3 * (b1[3] - b0[3]) / max(calls, 1)}
         with Client(url) as c:
             metrics = c.metrics()
         batches = _metric(metrics, "protoedge_batch_images_count")
@@ -357,14 +358,16 @@ def measure_daemon(bundle: str, fsync: str, seconds: float, n_latency: int, thre
     return r
 
 
-def _batch_counters(url: str) -> tuple[float, float]:
-    """(encoder calls, images) so far, from the daemon's batch-size histogram."""
+def _batch_counters(url: str) -> tuple[float, float, float, float]:
+    """(encoder calls, images, seconds in batches, seconds in fdatasync) so far, from /metrics."""
     from protoedge.client import Client
 
     with Client(url) as c:
         m = c.metrics()
-    count, total = _metric(m, "protoedge_batch_images_count"), _metric(m, "protoedge_batch_images_sum")
-    return (0.0 if count != count else count), (0.0 if total != total else total)  # NaN: no batch yet
+    names = ("protoedge_batch_images_count", "protoedge_batch_images_sum", "protoedge_batch_duration_seconds_sum",
+             "protoedge_update_log_fsync_seconds")
+    values = [_metric(m, n) for n in names]
+    return tuple(0.0 if v != v else v for v in values)  # NaN: no batch yet
 
 
 def run_benchmark(bundle: str, out_dir: str = "benchmarks/results", seconds: float = 6.0, n_latency: int = 2000,
@@ -383,6 +386,13 @@ def run_benchmark(bundle: str, out_dir: str = "benchmarks/results", seconds: flo
     print(f"[fsync {policies[0]}] 16 clients with {other_threads} inference threads", file=sys.stderr)
     variants[f"{other_threads} inference threads"] = measure_daemon(
         bundle, policies[0], seconds, n_latency, other_threads, clients=(16,), latency=False)
+    print(f"[fsync {policies[0]}] 16 clients, encoder on its own thread", file=sys.stderr)
+    variants["encoder thread + state thread (--pipeline)"] = measure_daemon(
+        bundle, policies[0], seconds, n_latency, threads, clients=(16,), latency=False, extra=("--pipeline",))
+    print(f"[fsync {policies[0]}] 16 clients, Python's default GIL switch interval", file=sys.stderr)
+    variants["GIL switch interval 5 ms (Python's default)"] = measure_daemon(
+        bundle, policies[0], seconds, n_latency, threads, clients=(16,), latency=False,
+        extra=("--switch-interval-ms", "5"))
     print(f"[fsync {policies[0]}] 16 clients on asyncio's own event loop", file=sys.stderr)
     variants["asyncio event loop (no uvloop)"] = measure_daemon(
         bundle, policies[0], seconds, n_latency, threads, clients=(16,), latency=False,
@@ -461,14 +471,15 @@ def render_markdown(r: dict) -> str:
               "Each client is one keep-alive connection that sends one single-image request and waits for its "
               "answer before sending the next (no pipelining); all clients run in one load-generator process "
               "(an epoll loop over raw sockets).", "",
-              "| fsync | clients | images/s | p50 ms | p99 ms | 503s | images per encoder call | server CPU s | "
-              "client CPU s | server CPU ms/image | seconds |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| fsync | clients | images/s | p50 ms | p99 ms | 503s | images per batch | ms per batch (of it fdatasync) "
+              "| server CPU s | client CPU s | server CPU ms/image | seconds |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def row(label, k, t):
         per_image = 1e3 * t["server_cpu_s"] / max(t["images"], 1)
         return (f"| {label} | {k} | {t['images_per_s']:.0f} | {t['p50_ms']:.2f} | {t['p99_ms']:.2f} | "
-                f"{t['rejected_503']} | {t.get('images_per_call', float('nan')):.1f} | {t['server_cpu_s']:.2f} | "
+                f"{t['rejected_503']} | {t.get('images_per_call', float('nan')):.1f} | "
+                f"{t.get('batch_ms', float('nan')):.2f} ({t.get('fsync_ms_per_batch', float('nan')):.2f}) | {t['server_cpu_s']:.2f} | "
                 f"{t['client_cpu_s']:.2f} | {per_image:.2f} | {t['seconds']:.1f} |")
 
     for p, d in daemons.items():

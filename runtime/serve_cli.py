@@ -59,12 +59,15 @@ def register(main: click.Group, bench: click.Group) -> None:
               help="auto: uvloop if it is installed (optional; cheaper per request), else asyncio's own loop.")
 @click.option("--switch-interval-ms", type=click.FloatRange(0.01, 100), default=0.5, show_default=True,
               help="Python GIL hand-over interval between the event loop and the worker thread.")
+@click.option("--pipeline/--no-pipeline", default=False, show_default=True,
+              help="Embed the next micro-batch on its own thread while the worker applies, logs and fsyncs "
+                   "the previous one (--no-pipeline: one thread does both in turn).")
 @click.option("--threshold", type=float, default=None,
               help="New-cluster distance [default: from the bundle's calibration].")
 @click.option("--max-clusters", type=click.IntRange(1, None), default=1000, show_default=True)
 def serve(bundle, host, port, socket_path, state_dir, backend, precision, threads, cache_dir, token_file,
           max_batch, max_wait_ms, max_queue, max_queue_mb, max_body_mb, max_images, fsync, fsync_interval,
-          snapshot_every, event_loop, switch_interval_ms, threshold, max_clusters):
+          snapshot_every, event_loop, switch_interval_ms, pipeline, threshold, max_clusters):
     """Run the local clustering daemon on BUNDLE (HTTP on loopback and/or a Unix socket).
 
     \b
@@ -97,7 +100,8 @@ def serve(bundle, host, port, socket_path, state_dir, backend, precision, thread
                           max_queue_bytes=int(max_queue_mb * 1024 * 1024),
                           max_body_bytes=int(max_body_mb * 1024 * 1024), max_images_per_request=max_images,
                           fsync=fsync, fsync_interval_s=fsync_interval, snapshot_every=snapshot_every,
-                          event_loop=event_loop, switch_interval_ms=switch_interval_ms, clusterer=clusterer)
+                          event_loop=event_loop, switch_interval_ms=switch_interval_ms, pipeline=pipeline,
+                          clusterer=clusterer)
     raise SystemExit(run_server(config))
 
 

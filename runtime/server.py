@@ -68,6 +68,7 @@ class ServerConfig:
     shutdown_timeout_s: float = 30.0
     event_loop: str = "auto"             # auto: uvloop when it is installed, else asyncio's own
     switch_interval_ms: float = 0.5      # GIL hand-over between the event loop and the worker
+    pipeline: bool = False               # encoder thread + state thread instead of one worker thread
     clusterer: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -182,7 +183,9 @@ class Daemon:
                                      if self.state and self.state.clusterer else 0,
                                      log_bytes=lambda: self.state.log.size_bytes()
                                      if self.state and self.state.log else 0,
-                                     fsyncs=lambda: self.state.log.fsyncs if self.state and self.state.log else 0)
+                                     fsyncs=lambda: self.state.log.fsyncs if self.state and self.state.log else 0,
+                                     fsync_seconds=lambda: self.state.log.fsync_seconds
+                                     if self.state and self.state.log else 0.0)
         self._stop = None
         self._loop = None
         self._last_snapshot = time.monotonic()
@@ -215,11 +218,15 @@ class Daemon:
         s = self.bundle.input_spec
         return await self.in_thread(parse_image, body, s["channels"], s["height"], s["width"])
 
-    def _process(self, jobs):
+    def _embed(self, jobs):
+        """Encoder stage (the worker thread, or the encoder thread with pipeline=True)."""
+        return self.state.embed_jobs(jobs, self.config.max_batch)
+
+    def _apply(self, jobs, emb):
         """Worker thread: one micro-batch -> one result per job, once its updates are durable
-        (run_batch writes the batch's log records and commits them: one fdatasync per batch)."""
+        (apply_batch writes the batch's log records and commits them: one fdatasync per batch)."""
         try:
-            return self.state.run_batch(jobs, self.config.max_batch)
+            return self.state.apply_batch(jobs, emb)
         except (PersistError, OSError) as e:
             self.fail("the update log cannot be written")
             return [e if isinstance(e, PersistError) else PersistError(str(e))] * len(jobs)
@@ -248,6 +255,7 @@ class Daemon:
                 "parameters": {"distance": o["distance"], "model": self.bundle.manifest.get("model", {}),
                                "backend": enc, "max_batch": self.config.max_batch,
                                "max_wait_ms": self.config.max_wait_ms, "fsync": self.config.fsync,
+                               "pipeline": self.config.pipeline,
                                "event_loop": type(self._loop).__module__.split(".")[0] if self._loop else None}}
 
     # ------------------------------------------------------------------ start-up (worker thread)
@@ -277,8 +285,8 @@ class Daemon:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         cfg = self.config
-        self.worker = Worker(self._loop, self._process, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue,
-                             cfg.max_queue_bytes, on_batch=self._on_batch)
+        self.worker = Worker(self._loop, self._embed, self._apply, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue,
+                             cfg.max_queue_bytes, on_batch=self._on_batch, pipeline=cfg.pipeline)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)
         from .server_routes import build_app

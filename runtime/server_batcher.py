@@ -38,15 +38,24 @@ class _Call:
         self.fn, self.future = fn, future
 
 
+_END = object()  # encoder stage -> state stage: nothing follows
+
+
 class Worker:
-    def __init__(self, loop: asyncio.AbstractEventLoop, process, max_batch: int = 64, max_wait_ms: float = 0.0,
-                 max_queue: int = 256, max_queue_bytes: int = 64 << 20, on_batch=None, name: str = "protoedge-worker"):
-        """process(jobs) -> one result (a value or an exception) per job; runs on the worker
-        thread and returns only once the batch's updates are as durable as the policy says.
-        on_batch(n_images, seconds) runs on the event loop after each batch."""
+    def __init__(self, loop: asyncio.AbstractEventLoop, embed, apply, max_batch: int = 64, max_wait_ms: float = 0.0,
+                 max_queue: int = 256, max_queue_bytes: int = 64 << 20, on_batch=None, pipeline: bool = False):
+        """embed(jobs) -> embeddings of all their images (reads no state); apply(jobs, embeddings)
+        -> one result (a value or an exception) per job, returning only once the batch's updates
+        are as durable as the policy says. on_batch(n_images, seconds) runs on the event loop.
+
+        pipeline=False: one thread does both, batch after batch. pipeline=True: an encoder thread
+        embeds the next batch while the state thread applies, logs and fsyncs the previous one
+        (both stages release the GIL for most of their time: ORT, fdatasync); the encoder takes a
+        new batch only once the state thread has picked up the last one, so batches still grow
+        with the load instead of the stages racing ahead with small ones."""
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and max_queue must be >= 1, max_wait_ms >= 0")
-        self.loop, self.process, self.on_batch = loop, process, on_batch
+        self.loop, self.embed, self.apply, self.on_batch = loop, embed, apply, on_batch
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
         self.max_queue_bytes = max_queue_bytes
         self.held_bytes = 0   # bodies admitted and not answered yet (event loop only)
@@ -57,8 +66,16 @@ class Worker:
         self._stopping = False
         self._closed = False
         self._done: asyncio.Future = loop.create_future()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self.pipeline = pipeline
+        self._handoff: collections.deque = collections.deque()  # encoder stage -> state stage
+        self._hcv = threading.Condition(threading.Lock())
+        if pipeline:
+            threads = [threading.Thread(target=self._run_encoder, name="protoedge-encoder", daemon=True),
+                       threading.Thread(target=self._run_state, name="protoedge-worker", daemon=True)]
+        else:
+            threads = [threading.Thread(target=self._run, name="protoedge-worker", daemon=True)]
+        for t in threads:
+            t.start()
 
     @property
     def depth(self) -> int:
@@ -151,30 +168,91 @@ class Worker:
             n += k
         return batch, n
 
+    def _embed(self, batch):
+        try:
+            return self.embed(batch)
+        except Exception as e:  # the engine failed: every job of the batch learns it
+            log.exception("encoder call for %d requests failed", len(batch))
+            return e
+
+    def _apply(self, batch, emb, t0: float) -> None:
+        if isinstance(emb, BaseException):
+            results = [emb] * len(batch)
+        else:
+            try:
+                results = self.apply(batch, emb)
+            except Exception as e:  # the disk failed: every job of the batch learns it
+                log.exception("micro-batch of %d requests failed", len(batch))
+                results = [e] * len(batch)
+        self._deliver(self._answer, batch, results, time.perf_counter() - t0)
+
+    def _call(self, work: _Call) -> None:
+        try:
+            value, error = work.fn(), None
+        except BaseException as e:  # noqa: BLE001 (handed to the caller)
+            value, error = None, e
+        self._deliver(_settle_call, work.future, value, error)
+
     def _run(self) -> None:
+        """One thread: embed, apply, answer; next batch."""
         try:
             while True:
                 work = self._take()
                 if work is None:
                     return
                 if isinstance(work, _Call):
-                    try:
-                        value, error = work.fn(), None
-                    except BaseException as e:  # noqa: BLE001 (handed to the caller)
-                        value, error = None, e
-                    self._deliver(_settle_call, work.future, value, error)
+                    self._call(work)
                     continue
                 t0 = time.perf_counter()
-                try:
-                    results = self.process(work)
-                except Exception as e:  # the engine or the disk failed: every job of the batch learns it
-                    log.exception("micro-batch of %d requests failed", len(work))
-                    results = [e] * len(work)
-                self._deliver(self._answer, work, results, time.perf_counter() - t0)
+                self._apply(work, self._embed(work), t0)
         finally:
-            with self._cv:
-                self._closed = True
-            self._deliver(_settle_call, self._done, None, None)
+            self._finish()
+
+    def _run_encoder(self) -> None:
+        """Pipeline, stage 1: embed batches and pass them on in order, calls too."""
+        try:
+            while True:
+                with self._hcv:  # one embedded batch waiting is enough: let the next one grow
+                    while self._handoff:
+                        self._hcv.wait()
+                work = self._take()
+                if work is None:
+                    return
+                if isinstance(work, _Call):
+                    item = work
+                else:
+                    t0 = time.perf_counter()
+                    item = (work, self._embed(work), t0)
+                with self._hcv:
+                    self._handoff.append(item)
+                    self._hcv.notify_all()
+        finally:
+            with self._hcv:
+                self._handoff.append(_END)
+                self._hcv.notify_all()
+
+    def _run_state(self) -> None:
+        """Pipeline, stage 2: the clusters and the log, in the order of the requests."""
+        try:
+            while True:
+                with self._hcv:
+                    while not self._handoff:
+                        self._hcv.wait()
+                    item = self._handoff.popleft()
+                    self._hcv.notify_all()
+                if item is _END:
+                    return
+                if isinstance(item, _Call):
+                    self._call(item)
+                else:
+                    self._apply(*item)
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        with self._cv:
+            self._closed = True
+        self._deliver(_settle_call, self._done, None, None)
 
     def _deliver(self, fn, *args) -> None:
         try:

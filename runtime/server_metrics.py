@@ -138,7 +138,7 @@ class Registry:
 class DaemonMetrics:
     """Every metric the daemon exports, in one place so /metrics and the docs agree."""
 
-    def __init__(self, queue_depth, clusters, log_bytes, fsyncs=lambda: 0):
+    def __init__(self, queue_depth, clusters, log_bytes, fsyncs=lambda: 0, fsync_seconds=lambda: 0.0):
         r = self.registry = Registry()
         self.requests = r.add(Counter("protoedge_requests_total", "HTTP requests by route and status.",
                                       ("route", "status")))
@@ -157,8 +157,10 @@ class DaemonMetrics:
         r.add(Gauge("protoedge_clusters", "Clusters currently known.", clusters))
         r.add(Gauge("protoedge_resident_memory_bytes", "Resident set size of the daemon.", resident_memory_bytes))
         r.add(Gauge("protoedge_update_log_bytes", "Bytes in the update log since the last snapshot.", log_bytes))
-        r.add(Gauge("protoedge_update_log_fsyncs", "fsyncs of the update log since start (group commit: "
-                    "one covers every batch written while the previous one ran).", fsyncs))
+        r.add(Gauge("protoedge_update_log_fsyncs", "fdatasyncs of the update log since start (group commit: "
+                    "one per micro-batch with --fsync always).", fsyncs))
+        r.add(Gauge("protoedge_update_log_fsync_seconds", "Seconds spent waiting for those fdatasyncs.",
+                    fsync_seconds))
         self.engine_build = r.add(Gauge("protoedge_engine_build_seconds",
                                         "Seconds spent building/loading and warming the encoder engine."))
         self.ready = r.add(Gauge("protoedge_ready", "1 when the engine is built and warmed up."))

@@ -42,8 +42,6 @@ def overloaded(message: str = "the request queue is full; retry shortly") -> web
 def make_middlewares(daemon):
     """One middleware for every request: bearer token, errors -> 4xx/5xx JSON, metrics. One
     layer instead of three: it runs on every request, and each layer is a coroutine call."""
-    metrics = daemon.metrics
-    latency, requests = metrics.latency, metrics.requests
     clock = time.perf_counter
 
     @web.middleware
@@ -67,7 +65,7 @@ def make_middlewares(daemon):
         except Unavailable as e:
             resp = error(503, str(e), {"Retry-After": "2"})
         except Overloaded:
-            metrics.rejected.inc()
+            daemon.metrics.rejected.inc()
             resp = overloaded()
         except PersistError as e:
             resp = error(503, str(e), {"Retry-After": "5"})
@@ -82,8 +80,9 @@ def make_middlewares(daemon):
         finally:
             route = request.match_info.route.resource
             name = route.canonical if route is not None else "unmatched"
-            latency.observe(clock() - t0, name)
-            requests.inc(name, str(resp.status) if resp is not None else "500")
+            metrics = daemon.metrics
+            metrics.latency.observe(clock() - t0, name)
+            metrics.requests.inc(name, str(resp.status) if resp is not None else "500")
         return resp
 
     return [handle]

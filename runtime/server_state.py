@@ -216,12 +216,19 @@ class DaemonState:
     def run_batch(self, jobs: list[Job], max_batch: int) -> list:
         """Embed every job's images in encoder calls of at most max_batch, then apply each job in
         arrival order. Returns one result per job: a value or an exception to raise for it."""
+        return self.apply_batch(jobs, self.embed_jobs(jobs, max_batch))
+
+    def embed_jobs(self, jobs: list[Job], max_batch: int) -> np.ndarray:
+        """The embeddings of every job's images, in order. Reads nothing of the clusters, so it may
+        run on another thread than apply_batch (the daemon's encoder stage)."""
         pixels = jobs[0].pixels if len(jobs) == 1 else np.concatenate([j.pixels for j in jobs])
         embed = getattr(self.encoder, "embed_valid", self.encoder.embed)  # pixels are validated already
         if len(pixels) <= max_batch:
-            emb = embed(pixels)
-        else:
-            emb = np.concatenate([embed(pixels[i:i + max_batch]) for i in range(0, len(pixels), max_batch)])
+            return embed(pixels)
+        return np.concatenate([embed(pixels[i:i + max_batch]) for i in range(0, len(pixels), max_batch)])
+
+    def apply_batch(self, jobs: list[Job], emb: np.ndarray) -> list:
+        """Apply each job with its embeddings in arrival order, log and commit (once per batch)."""
         parts, start = [], 0
         for job in jobs:
             parts.append(emb[start:start + job.n])

@@ -183,6 +183,7 @@ class UpdateLog:
         self._lock = threading.Lock()
         self._last_sync = time.monotonic()
         self.fsyncs = 0
+        self.fsync_seconds = 0.0  # time spent waiting for fdatasync (record syncs only)
         self.bytes_written = 0
 
     # -- reading ------------------------------------------------------------------------------
@@ -299,7 +300,9 @@ class UpdateLog:
             if self._fd is None or target <= self.synced_seq:
                 self._last_sync = time.monotonic()
                 return self.synced_seq
+            t0 = time.perf_counter()
             _fdatasync(self._fd)
+            self.fsync_seconds += time.perf_counter() - t0
             self.synced_seq = target
             self.fsyncs += 1
             self._last_sync = time.monotonic()

@@ -365,15 +365,20 @@ def test_concurrent_single_image_requests_share_encoder_calls(server):
     assert calls < 200, "200 concurrent single-image requests must share encoder calls"
 
 
-@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-def test_runs_on_asyncio_s_own_loop_and_on_uvloop(tmp_path, loop):
-    """uvloop is optional: the daemon runs on asyncio's own loop too (and says which it uses)."""
+@pytest.mark.parametrize("loop,pipeline", [("asyncio", "--no-pipeline"), ("uvloop", "--pipeline")])
+def test_runs_on_asyncio_s_own_loop_and_on_uvloop_with_one_or_two_worker_threads(tmp_path, loop, pipeline):
+    """uvloop is optional: the daemon runs on asyncio's own loop too (and says which it uses); the
+    encoder may run on its own thread or on the worker's."""
     if loop == "uvloop":
         pytest.importorskip("uvloop")
-    with Server(tmp_path, "--event-loop", loop) as srv:
+    with Server(tmp_path, "--event-loop", loop, pipeline) as srv:
         for url in (srv.tcp_url, srv.unix_url):
             with Client(url) as c:
                 assert len(c.cluster(images(3, seed=5))) == 3 and len(c.cluster(images(1, seed=6))) == 1
-                assert c.model()["parameters"]["event_loop"] == loop
+                cid = c.clusters()[0]["id"]
+                c.label(cid, "first")  # a mutation, in order with the batches
+                assert {x["id"]: x["label"] for x in c.clusters()}[cid] == "first"
+                params = c.model()["parameters"]
+                assert params["event_loop"] == loop and params["pipeline"] == (pipeline == "--pipeline")
         assert srv.terminate() == 0
         assert "stopped (exit 0)" in srv.output()
