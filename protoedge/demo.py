@@ -22,10 +22,10 @@ PRETRAINED_METRICS = REPO / "models" / "omniglot" / "metrics.jsonl"
 PROTOCOL = "omniglot-a"
 # The demo streams one alphabet at a time, whose characters look more alike than the 20 random
 # characters (of many alphabets) the runtime's default rule was fitted on. On single-alphabet
-# streams of Protocol-A *train* characters (12 alphabets, 5 encoders) the most accurate threshold
-# was 0.9-1.0 x the calibration midpoint for every cosine encoder (the rule's 1.2 x lost 4-11
-# points and found 20-25% too few clusters); 1.0 x, the exporter's own new_cluster_threshold,
-# keeps the cluster count closest to the truth.
+# streams of Protocol-A *train* characters (12 alphabets) the most accurate threshold was 0.8-1.0 x
+# the calibration midpoint for each of four cosine encoders (the rule's 1.2 x lost 3-11 points and
+# found up to 21% too few clusters; a squared-Euclidean encoder did best at 1.0-1.2 x); 1.0 x, the
+# exporter's own new_cluster_threshold, keeps the cluster count closest to the truth.
 ALPHABET_THRESHOLD_FACTOR = 1.0
 
 
