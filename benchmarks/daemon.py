@@ -430,7 +430,7 @@ def _kept_notes(path: Path) -> str:
     except OSError:
         return ""
     i = text.find("\n" + NOTES_HEADING + "\n")
-    return text[i + 1:] if i >= 0 else ""
+    return "\n" + text[i + 1:] if i >= 0 else ""
 
 
 def render_markdown(r: dict) -> str:
