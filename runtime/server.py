@@ -69,6 +69,7 @@ class ServerConfig:
     event_loop: str = "auto"             # auto: uvloop when it is installed, else asyncio's own
     switch_interval_ms: float = 0.5      # GIL hand-over between the event loop and the worker
     pipeline: bool = False               # encoder thread + state thread instead of one worker thread
+    inline_idle: bool = True             # a lone request runs on the event loop (no thread hand-offs)
     clusterer: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -286,7 +287,8 @@ class Daemon:
         self._stop = asyncio.Event()
         cfg = self.config
         self.worker = Worker(self._loop, self._embed, self._apply, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue,
-                             cfg.max_queue_bytes, on_batch=self._on_batch, pipeline=cfg.pipeline)
+                             cfg.max_queue_bytes, on_batch=self._on_batch, pipeline=cfg.pipeline,
+                             inline_idle=cfg.inline_idle)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)
         from .server_routes import build_app

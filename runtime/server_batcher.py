@@ -8,6 +8,12 @@ fill, and under load the batch grows by itself to what arrived during the previo
 Triton's dynamic batcher with no queue delay). max_wait (0 by default) is only an upper bound on
 waiting for requests whose bodies are being read.
 
+inline_idle: a request that finds the worker parked, nothing queued and no other request on its
+way runs on the event loop itself instead. A lone client then skips two thread hand-offs (the
+worker's wake-up and the answer's trip back), which on an idle CPU cost more than the work. Under
+load requests see each other (they yield once to the loop before deciding) and queue as usual, so
+batching is unchanged; the loop is blocked for one single-request encoder call and fsync at most.
+
 Other work on the state (reads, label/merge/remove, snapshots) is queued as a call that runs
 alone, in order with the batches, so every state change is totally ordered.
 
@@ -43,7 +49,8 @@ _END = object()  # encoder stage -> state stage: nothing follows
 
 class Worker:
     def __init__(self, loop: asyncio.AbstractEventLoop, embed, apply, max_batch: int = 64, max_wait_ms: float = 0.0,
-                 max_queue: int = 256, max_queue_bytes: int = 64 << 20, on_batch=None, pipeline: bool = False):
+                 max_queue: int = 256, max_queue_bytes: int = 64 << 20, on_batch=None, pipeline: bool = False,
+                 inline_idle: bool = False):
         """embed(jobs) -> embeddings of all their images (reads no state); apply(jobs, embeddings)
         -> one result (a value or an exception) per job, returning only once the batch's updates
         are as durable as the policy says. on_batch(n_images, seconds) runs on the event loop.
@@ -63,6 +70,10 @@ class Worker:
         self._items: collections.deque = collections.deque()
         self._cv = threading.Condition(threading.Lock())
         self._idle = False
+        self._parked = False  # waiting for work with nothing in hand (not the max_wait wait)
+        self._candidates = 0  # requests deciding whether they are alone (inline_idle)
+        self.inline_idle = inline_idle and not pipeline
+        self.inline_runs = 0
         self._stopping = False
         self._closed = False
         self._done: asyncio.Future = loop.create_future()
@@ -100,6 +111,18 @@ class Worker:
         """Queue a job admitted with nbytes and wait for its result; exceptions are re-raised."""
         self.arriving -= 1
         try:
+            if self.inline_idle:
+                self._candidates += 1
+                try:
+                    await asyncio.sleep(0)  # requests that arrived with this one get to queue first
+                    alone = self._candidates == 1 and self._claim_inline()
+                finally:
+                    self._candidates -= 1
+                if alone:
+                    result = self._run_inline(job)
+                    if isinstance(result, BaseException):
+                        raise result
+                    return result
             job.future = fut = self.loop.create_future()
             self._put(job)
             result = await fut
@@ -114,6 +137,30 @@ class Worker:
         fut = self.loop.create_future()
         self._put(_Call(fn, fut))
         return await fut
+
+    def _claim_inline(self) -> bool:
+        # The worker is parked and only the event loop queues work, so while this (synchronous)
+        # request runs nothing can wake the worker: the state has one user at a time.
+        with self._cv:
+            return (self._parked and not self._items and self.arriving == 0
+                    and not self._stopping and not self._closed)
+
+    def _run_inline(self, job):
+        t0 = time.perf_counter()
+        batch = [job]
+        emb = self._embed(batch)
+        if isinstance(emb, BaseException):
+            result = emb
+        else:
+            try:
+                result = self.apply(batch, emb)[0]
+            except Exception as e:  # the disk failed: this request learns it
+                log.exception("inline request failed")
+                result = e
+        self.inline_runs += 1
+        if self.on_batch is not None:
+            self.on_batch(job.n, time.perf_counter() - t0)
+        return result
 
     def _put(self, item) -> None:
         with self._cv:
@@ -139,9 +186,9 @@ class Worker:
                 if self._stopping:
                     self._closed = True  # under the lock: nothing can be queued after this
                     return None
-                self._idle = True
+                self._idle = self._parked = True
                 self._cv.wait()
-                self._idle = False
+                self._idle = self._parked = False
             if isinstance(self._items[0], _Call):
                 return self._items.popleft()
             batch, n = self._fill([], 0)

@@ -1,0 +1,108 @@
+"""The daemon's micro-batcher on its own: a lone request runs inline on the event loop, concurrent
+requests still form micro-batches on the worker thread, and state changes never overlap."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from protoedge.runtime.server_batcher import Worker
+
+
+class Job:
+    def __init__(self, i: int):
+        self.n, self.i, self.future = 1, i, None
+
+
+class Recorder:
+    """embed/apply that record which thread ran them, batch sizes, and whether two ever overlapped."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.active = 0
+        self.overlap = False
+        self.batches: list[int] = []
+        self.threads: set[str] = set()
+
+    def embed(self, jobs):
+        return [j.i * 10 for j in jobs]
+
+    def apply(self, jobs, emb):
+        with self.lock:
+            self.active += 1
+            self.overlap |= self.active > 1
+        try:
+            self.threads.add(threading.current_thread().name)
+            self.batches.append(len(jobs))
+            threading.Event().wait(0.002)  # a batch takes time, so that others can queue meanwhile
+            return list(emb)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+async def _submit(worker: Worker, i: int):
+    worker.admit(1)
+    return await worker.submit(Job(i), 1)
+
+
+def _run(inline: bool, scenario):
+    async def main():
+        rec = Recorder()
+        worker = Worker(asyncio.get_running_loop(), rec.embed, rec.apply, max_batch=64, inline_idle=inline)
+        await asyncio.sleep(0.05)  # the worker thread parks
+        try:
+            results = await scenario(worker)
+        finally:
+            await worker.stop()
+        return rec, worker, results
+    return asyncio.run(main())
+
+
+async def sequential(worker):
+    out = []
+    for i in range(20):
+        out.append(await _submit(worker, i))
+        await asyncio.sleep(0.001)
+    return out
+
+
+async def concurrent(worker):
+    return await asyncio.gather(*(_submit(worker, i) for i in range(32)))
+
+
+def test_lone_requests_run_inline_on_the_event_loop():
+    rec, worker, results = _run(True, sequential)
+    assert results == [i * 10 for i in range(20)]
+    assert worker.inline_runs == 20
+    assert rec.threads == {"MainThread"}
+
+
+def test_without_inline_the_worker_thread_answers():
+    rec, worker, results = _run(False, sequential)
+    assert results == [i * 10 for i in range(20)]
+    assert worker.inline_runs == 0
+    assert rec.threads == {"protoedge-worker"}
+
+
+def test_concurrent_requests_still_batch_and_never_overlap():
+    rec, worker, results = _run(True, concurrent)
+    assert results == [i * 10 for i in range(32)]  # each request gets its own answer
+    assert worker.inline_runs == 0  # they arrived together: none of them was alone
+    assert max(rec.batches) > 1 and sum(rec.batches) == 32
+    assert not rec.overlap
+
+
+async def mixed(worker):
+    # a lone request, then a burst while nothing runs, then lone ones again
+    out = [await _submit(worker, 0)]
+    out += await asyncio.gather(*(_submit(worker, i) for i in range(1, 17)))
+    for i in range(17, 20):
+        out.append(await _submit(worker, i))
+    return out
+
+
+def test_inline_and_worker_batches_mix_without_overlap():
+    rec, worker, results = _run(True, mixed)
+    assert results == [i * 10 for i in range(20)]
+    assert worker.inline_runs >= 2 and sum(rec.batches) == 20
+    assert not rec.overlap
