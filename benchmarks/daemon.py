@@ -397,6 +397,10 @@ def run_benchmark(bundle: str, out_dir: str = "benchmarks/results", seconds: flo
     variants["asyncio event loop (no uvloop)"] = measure_daemon(
         bundle, policies[0], seconds, n_latency, threads, clients=(16,), latency=False,
         extra=("--event-loop", "asyncio"))
+    print(f"[fsync {policies[0]}] every request through the worker thread (--no-inline-idle)", file=sys.stderr)
+    variants["no inline fast path (--no-inline-idle)"] = measure_daemon(
+        bundle, policies[0], seconds, n_latency, threads, clients=(16,), latency=True,
+        extra=("--no-inline-idle",))
     print("the runtime in-process", file=sys.stderr)
     inproc = in_process(bundle, threads, n_latency, seconds)
     for d in daemons.values():
@@ -495,6 +499,12 @@ def render_markdown(r: dict) -> str:
             lines.append(f"| {name} | {v['fsync']} | {t['images_per_s']:.0f} | {t['p50_ms']:.2f} | {t['p99_ms']:.2f} | "
                          f"{t.get('images_per_call', float('nan')):.1f} | "
                          f"{1e3 * t['server_cpu_s'] / max(t['images'], 1):.2f} |")
+        lines.append("")
+        for name, v in r["variants"].items():
+            if "latency_1_client" in v:
+                lat = v["latency_1_client"]
+                lines.append(f"Single client with {name}: p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms "
+                             f"({lat['requests']} requests; compare the first table).")
         lines.append("")
     for p, d in daemons.items():
         b, m = d["batches"], d["memory"]
