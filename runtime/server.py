@@ -257,6 +257,7 @@ class Daemon:
                                "backend": enc, "max_batch": self.config.max_batch,
                                "max_wait_ms": self.config.max_wait_ms, "fsync": self.config.fsync,
                                "pipeline": self.config.pipeline,
+                               "inline_idle": self.config.inline_idle and not self.config.pipeline,
                                "event_loop": type(self._loop).__module__.split(".")[0] if self._loop else None}}
 
     # ------------------------------------------------------------------ start-up (worker thread)

@@ -380,5 +380,6 @@ def test_runs_on_asyncio_s_own_loop_and_on_uvloop_with_one_or_two_worker_threads
                 assert {x["id"]: x["label"] for x in c.clusters()}[cid] == "first"
                 params = c.model()["parameters"]
                 assert params["event_loop"] == loop and params["pipeline"] == (pipeline == "--pipeline")
+                assert params["inline_idle"] == (pipeline != "--pipeline")  # the fast path needs one worker
         assert srv.terminate() == 0
         assert "stopped (exit 0)" in srv.output()
