@@ -2,8 +2,9 @@
 the recipes and the supervised ceiling, next to published unsupervised numbers.
 
 Writes benchmarks/results/fewshot.md and fewshot.json. Training runs land in --runs; a row whose
-run folder already holds a finished checkpoint is evaluated, not retrained (so the 30-minute
-default run made with the documented `protoedge train` command is reused as it is).
+run folder already holds a finished checkpoint is evaluated, not retrained (so the default run
+made with the documented `protoedge train` command is reused as it is, and the table reports the
+budget that run had).
 
     python benchmarks/fewshot.py [--runs runs] [--quick] [--only ROW | PROTOCOL:ROW | mnist ...]
     protoedge bench fewshot      (the same)
