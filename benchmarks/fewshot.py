@@ -233,10 +233,12 @@ def run(runs_dir: str | Path = "runs", quick: bool = False, only: list[str] | No
         runs = runs / "quick"
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "fewshot.quick" if quick else "fewshot"
-    previous = {}
+    previous, previous_mnist = {}, None
     json_path = RESULTS / f"{stem}.json"
-    if only and json_path.is_file():
-        previous = {(r["row"], r["protocol"]): r for r in json.loads(json_path.read_text())["rows"]}
+    if only and json_path.is_file():  # read before the loop below rewrites the file
+        last = json.loads(json_path.read_text())
+        previous = {(r["row"], r["protocol"]): r for r in last["rows"]}
+        previous_mnist = last.get("mnist", [])
     report = {"generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": quick,
               "hardware": hardware(), "episodes": 100 if quick else EPISODES, "queries": QUERIES, "rows": []}
     for row in ROWS:
@@ -252,8 +254,8 @@ def run(runs_dir: str | Path = "runs", quick: bool = False, only: list[str] | No
     if not only or "mnist" in only:
         print("[bench fewshot] mnist: k-means clustering", flush=True)
         report["mnist"] = mnist_clustering(runs, quick)
-    elif only and json_path.is_file():
-        report["mnist"] = json.loads(json_path.read_text()).get("mnist", [])
+    elif previous_mnist is not None:
+        report["mnist"] = previous_mnist
     json_path.write_text(json.dumps(report, indent=2))
     write_markdown(report, RESULTS / f"{stem}.md")
     return report
