@@ -40,20 +40,24 @@ FINAL_RESERVE_S = 10.0  # kept free at the end of the budget for the last checkp
 
 # ----------------------------------------------------------------------------- data
 
+def evenly_spaced(rows: np.ndarray, limit: int) -> np.ndarray:
+    """At most limit rows, evenly spaced (cfg.pool_limit); all of them when limit is 0. The pool and
+    the supervised baseline's labels both go through here, so they stay aligned."""
+    if 0 < limit < len(rows):
+        return rows[np.linspace(0, len(rows) - 1, limit).astype(np.int64)]
+    return rows
+
+
 def unlabelled_pool(protocol: str, limit: int = 0) -> tuple[torch.Tensor, str]:
     """Training images with their labels dropped, and the fingerprint recorded as provenance."""
     images = datasets.load_split(protocol, "train").images  # the labels are dropped right here
-    if 0 < limit < len(images):
-        images = images[np.linspace(0, len(images) - 1, limit).astype(np.int64)]
+    images = evenly_spaced(images, limit)
     return torch.from_numpy(images), datasets.ImageSet(images, source=protocol).fingerprint()
 
 
 def training_labels(protocol: str, limit: int = 0) -> np.ndarray:
     """Only the supervised ceiling baseline calls this (same subset rule as unlabelled_pool)."""
-    labels = datasets.load_split(protocol, "train").labels
-    if 0 < limit < len(labels):
-        labels = labels[np.linspace(0, len(labels) - 1, limit).astype(np.int64)]
-    return labels
+    return evenly_spaced(datasets.load_split(protocol, "train").labels, limit)
 
 
 def validation_set(protocol: str) -> datasets.ImageSet | None:
