@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from protoedge.fewshot import pairwise_sqdist
+
 from .errors import InputError
 
 FACTORS = (0.7, 1.0, 1.3, 1.6, 2.0, 2.5, 3.0)
@@ -24,8 +26,7 @@ def silhouette(x: np.ndarray, labels: np.ndarray) -> float:
     k = lab.max() + 1
     if k < 2 or k >= len(x):
         return -1.0
-    sq = (x * x).sum(1)
-    d = np.sqrt(np.maximum(sq[:, None] - 2 * x @ x.T + sq[None], 0))
+    d = np.sqrt(pairwise_sqdist(x, x))
     onehot = np.zeros((len(x), k))
     onehot[np.arange(len(x)), lab] = 1
     sizes = onehot.sum(0)
