@@ -287,12 +287,14 @@ def run_demo(opts: DemoOptions) -> Path:
 
 def demo_threshold(bundle, given: float | None) -> tuple[float | None, str]:
     """(threshold for the Runtime, None = the bundle's default; how it was chosen)."""
+    from .runtime.clustering import rule_threshold
+
     if given is not None:
         return given, "--threshold"
     stored = bundle.calibration.get("cluster_threshold") or {}
     if stored.get("chosen_by") == "stream silhouette":  # the bundle found its own class granularity
         return None, "the bundle's stored threshold (stream silhouette)"
-    return (ALPHABET_THRESHOLD_FACTOR * float(bundle.calibration["new_cluster_threshold"]),
+    return (rule_threshold(bundle.calibration, ALPHABET_THRESHOLD_FACTOR),
             f"{ALPHABET_THRESHOLD_FACTOR:g} x the calibration midpoint (one-alphabet streams)")
 
 

@@ -78,9 +78,9 @@ class ClusterInfo:
 RULE_FACTOR = 1.2  # x the calibration's same/different-item midpoint (see rule_threshold)
 
 
-def rule_threshold(calibration: dict) -> float:
-    """The calibration rule: RULE_FACTOR x the exporter's ``new_cluster_threshold`` (midpoint of the
-    same-item 0.95 and different-item 0.05 quantiles).
+def rule_threshold(calibration: dict, factor: float = RULE_FACTOR) -> float:
+    """The calibration rule: ``factor`` (RULE_FACTOR) x the exporter's ``new_cluster_threshold``
+    (midpoint of the same-item 0.95 and different-item 0.05 quantiles).
 
     A cluster is born from one sample, so the threshold must admit *sample-to-sample* distances
     within a class, which are wider than the calibration's same-item distances (two views of one
@@ -92,7 +92,7 @@ def rule_threshold(calibration: dict) -> float:
     tau = calibration.get("new_cluster_threshold")
     if tau is None:
         raise StateError("the bundle's calibration has no new_cluster_threshold; pass threshold= explicitly")
-    tau = RULE_FACTOR * float(tau)
+    tau = factor * float(tau)
     if not math.isfinite(tau) or tau <= 0:
         raise StateError(f"calibration gives an unusable threshold {tau!r}; pass threshold= explicitly")
     return tau
