@@ -117,7 +117,7 @@ def tune_threshold(rt, path, size, channels, max_images: int = 5000) -> dict:
     from .clustering import StreamClusterer
     from .threshold_search import select_threshold
 
-    if rt.clusterer.n_seen:
+    if rt.clusterer.n_seen or rt.clusterer.n_clusters:  # a state of labelled examples only counts too
         raise InputError("--tune-threshold starts a new clusterer; use a fresh --state folder")
     images = load_inputs([str(path)], size, channels, with_labels=False)[0].images
     images = rt.validate(images[np.random.default_rng(0).permutation(len(images))[:max_images]])
