@@ -148,15 +148,7 @@ class Worker:
     def _run_inline(self, job):
         t0 = time.perf_counter()
         batch = [job]
-        emb = self._embed(batch)
-        if isinstance(emb, BaseException):
-            result = emb
-        else:
-            try:
-                result = self.apply(batch, emb)[0]
-            except Exception as e:  # the disk failed: this request learns it
-                log.exception("inline request failed")
-                result = e
+        result = self._results(batch, self._embed(batch))[0]
         self.inline_runs += 1
         if self.on_batch is not None:
             self.on_batch(job.n, time.perf_counter() - t0)
@@ -222,15 +214,18 @@ class Worker:
             log.exception("encoder call for %d requests failed", len(batch))
             return e
 
-    def _apply(self, batch, emb, t0: float) -> None:
+    def _results(self, batch, emb) -> list:
+        """One result per job (a value or an exception), on whichever thread runs the batch."""
         if isinstance(emb, BaseException):
-            results = [emb] * len(batch)
-        else:
-            try:
-                results = self.apply(batch, emb)
-            except Exception as e:  # the disk failed: every job of the batch learns it
-                log.exception("micro-batch of %d requests failed", len(batch))
-                results = [e] * len(batch)
+            return [emb] * len(batch)
+        try:
+            return self.apply(batch, emb)
+        except Exception as e:  # the disk failed: every job of the batch learns it
+            log.exception("micro-batch of %d requests failed", len(batch))
+            return [e] * len(batch)
+
+    def _apply(self, batch, emb, t0: float) -> None:
+        results = self._results(batch, emb)
         self._deliver(self._answer, batch, results, time.perf_counter() - t0)
 
     def _call(self, work: _Call) -> None:
