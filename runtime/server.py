@@ -193,10 +193,6 @@ class Daemon:
 
     # ------------------------------------------------------------------ worker-thread helpers
 
-    @property
-    def batcher(self) -> Worker | None:
-        return self.worker
-
     async def call(self, fn):
         """Run fn(state) on the worker thread (ordered with every batch and mutation)."""
         return await self.worker.call(lambda: fn(self.state))

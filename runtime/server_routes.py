@@ -159,14 +159,14 @@ def build_app(daemon) -> web.Application:
     async def pixel_job(request: web.Request, op: str, labels_from_query: bool = False):
         require_ready(daemon)
         cost = body_cost(request)
-        daemon.batcher.admit(cost)
+        daemon.worker.admit(cost)
         try:
             pixels = await read_pixels(request)
             labels = examples_labels(request, len(pixels)) if labels_from_query else None
         except BaseException:
-            daemon.batcher.release(cost)
+            daemon.worker.release(cost)
             raise
-        return await daemon.batcher.submit(Job(op, pixels, labels), cost)
+        return await daemon.worker.submit(Job(op, pixels, labels), cost)
 
     def examples_labels(request: web.Request, n: int) -> list[str]:
         if "labels" in request.query:
@@ -204,14 +204,14 @@ def build_app(daemon) -> web.Application:
     async def infer(request):
         require_ready(daemon)
         cost = body_cost(request)
-        daemon.batcher.admit(cost)
+        daemon.worker.admit(cost)
         try:
             doc = parse_json(await request.read(), max_bytes=cfg.max_body_bytes)
             req_id, pixels = kserve_pixels(doc, daemon.bundle.input_spec, cfg.max_images_per_request)
         except BaseException:
-            daemon.batcher.release(cost)
+            daemon.worker.release(cost)
             raise
-        emb = await daemon.batcher.submit(Job("embed", pixels), cost)
+        emb = await daemon.worker.submit(Job("embed", pixels), cost)
         out = {"model_name": "encoder", "outputs": [{"name": daemon.bundle.output_spec["name"], "datatype": "FP32",
                                                     "shape": list(emb.shape), "data": emb.ravel().tolist()}]}
         if req_id is not None:
