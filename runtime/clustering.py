@@ -487,7 +487,8 @@ class StreamClusterer:
             if (norms < 1e-12).any():
                 raise InputError("an all-zero embedding has no direction for cosine distance")
             return x / norms
-        return x.copy() if isinstance(X, np.ndarray) and np.may_share_memory(x, X) else x
+        # x is X, or a view of X's memory (an ndarray's rows, a torch tensor, a memoryview): copy
+        return x.copy() if x is X or x.base is not None else x
 
     def _device(self, x: np.ndarray) -> np.ndarray:
         """A mean of prepared rows in the searched space (unit length for cosine)."""

@@ -414,3 +414,17 @@ def test_state_format_1_still_loads(tmp_path):
     with pytest.raises(StateError, match="format"):
         save_generation(tmp_path / "future", arrays, dict(meta, format=99))
         StreamClusterer.load(tmp_path / "future")
+
+
+def test_an_input_buffer_the_caller_reuses_does_not_change_the_refinement():
+    # the refinement window keeps rows across calls: they must not be views of the caller's memory
+    x, _ = _separated_blobs()
+    fresh = StreamClusterer(D, threshold=0.1, distance="sqeuclidean", refine_every=20)
+    reused = StreamClusterer(D, threshold=0.1, distance="sqeuclidean", refine_every=20)
+    buf = np.empty((4, D), np.float32)
+    for i in range(0, len(x), 4):
+        want = fresh.partial_fit(x[i:i + 4].copy())
+        buf[:] = x[i:i + 4]
+        assert reused.partial_fit(memoryview(buf)) == want
+    assert fresh.stats["refinements"] > 0
+    np.testing.assert_array_equal(reused.prototypes()[1], fresh.prototypes()[1])
