@@ -114,8 +114,9 @@ def run_cluster_command(bundle, inputs, *, backend, precision, threads, threshol
         size, channels = (spec["height"], spec["width"]), spec["channels"]
         if tune_on:
             chosen = cc.tune_threshold(rt, tune_on, size, channels)
-            click.echo(f"threshold {chosen['threshold']:.4g} (x{chosen['factor']:g} the calibration rule), "
-                       f"picked without labels on {tune_on}", err=True)
+            # the base is the bundle's default: its stored threshold if export chose one, else the rule
+            click.echo(f"threshold {chosen['threshold']:.4g} (x{chosen['factor']:g} the bundle's default "
+                       f"{chosen['base']:.4g}), picked without labels on {tune_on}", err=True)
         true = cc.read_labels_file(labels_file) if labels_file else None
         if from_stdin:
             batches, total = cc.stdin_batches(cc.stdin_binary(), size, channels), None
