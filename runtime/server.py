@@ -70,6 +70,7 @@ class ServerConfig:
     switch_interval_ms: float = 0.5      # GIL hand-over between the event loop and the worker
     pipeline: bool = False               # encoder thread + state thread instead of one worker thread
     inline_idle: bool = True             # a lone request runs on the event loop (no thread hand-offs)
+    fast_path: bool = True               # POST /v1/cluster|assign (.npy) skip aiohttp's request machinery
     clusterer: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -175,6 +176,7 @@ class Daemon:
         self.draining = False
         self.exit_code = 0
         self._runner = None
+        self.fast = None  # server_fast.FastConnections when config.fast_path
         # One thread owns the model state (created with the event loop); a second decodes
         # PNG/JPEG off the event loop.
         self.worker: Worker | None = None
@@ -254,6 +256,7 @@ class Daemon:
                                "max_wait_ms": self.config.max_wait_ms, "fsync": self.config.fsync,
                                "pipeline": self.config.pipeline,
                                "inline_idle": self.config.inline_idle and not self.config.pipeline,
+                               "fast_path": self.config.fast_path,
                                "event_loop": type(self._loop).__module__.split(".")[0] if self._loop else None}}
 
     # ------------------------------------------------------------------ start-up (worker thread)
@@ -293,6 +296,10 @@ class Daemon:
         runner = web.AppRunner(build_app(self), access_log=None, shutdown_timeout=self.config.shutdown_timeout_s)
         await runner.setup()
         self._runner = runner
+        if cfg.fast_path:
+            from .server_fast import FastConnections
+
+            self.fast = FastConnections(self, runner.server)
         try:
             where = await self._listen(runner)
         except (ConfigError, OSError) as e:
@@ -331,13 +338,18 @@ class Daemon:
 
     async def _listen(self, runner) -> list[str]:
         cfg, where = self.config, []
+        tcp_site, sock_site, kw = web.TCPSite, web.SockSite, {}
+        if self.fast is not None:
+            from .server_fast import sites
+
+            (tcp_site, sock_site), kw = sites(web), {"fast": self.fast}
         if cfg.port is not None:
-            site = web.TCPSite(runner, cfg.host, cfg.port, backlog=256)
+            site = tcp_site(runner, cfg.host, cfg.port, backlog=256, **kw)
             await site.start()
             port = runner.addresses[0][1] if cfg.port == 0 else cfg.port  # 0: the kernel picked one
             where.append(f"http://{cfg.host}:{port}")
         if cfg.socket_path:
-            site = web.SockSite(runner, unix_listener(cfg.socket_path))
+            site = sock_site(runner, unix_listener(cfg.socket_path), **kw)
             await site.start()
             where.append(f"unix:{cfg.socket_path}")
         return where
@@ -349,6 +361,8 @@ class Daemon:
         for t in tasks:
             t.cancel()
         await runner.cleanup()          # stops listening, waits for handlers still running
+        if self.fast is not None:       # the same for the fast path's connections
+            await self.fast.shutdown(self.config.shutdown_timeout_s)
         # The worker's queue is FIFO: the snapshot comes after every batch still queued.
         if self.exit_code == 0 and self.state.log is not None:
             info = await self.call(lambda s: s.snapshot())

@@ -111,7 +111,7 @@ class Worker:
         """Queue a job admitted with nbytes and wait for its result; exceptions are re-raised."""
         self.arriving -= 1
         try:
-            if self.inline_idle:
+            if self.inline_idle and self._parked:  # (a busy worker cannot be bypassed: queue at once)
                 self._candidates += 1
                 try:
                     await asyncio.sleep(0)  # requests that arrived with this one get to queue first
@@ -131,6 +131,34 @@ class Worker:
         if isinstance(result, BaseException):
             raise result
         return result
+
+    def submit_nowait(self, job, nbytes: int, done) -> None:
+        """submit() without a task or a future, for the daemon's fast HTTP path: done(result) runs
+        on the event loop with the job's result (a value or an exception), once per job."""
+        self.arriving -= 1
+        if self.inline_idle and self._parked:
+            self._candidates += 1
+            self.loop.call_soon(self._decide, job, nbytes, done)  # as submit()'s sleep(0)
+        else:
+            self._queue(job, nbytes, done)
+
+    def _decide(self, job, nbytes: int, done) -> None:
+        alone = self._candidates == 1 and self._claim_inline()
+        self._candidates -= 1
+        if not alone:
+            return self._queue(job, nbytes, done)
+        try:
+            result = self._run_inline(job)
+        finally:
+            self.held_bytes -= nbytes
+        done(result)
+
+    def _queue(self, job, nbytes: int, done) -> None:
+        job.future = _Callback(self, nbytes, done)
+        try:
+            self._put(job)
+        except Overloaded as e:
+            job.future.set_result(e)
 
     async def call(self, fn):
         """fn() on the worker thread, alone and in order with the batches; its result or exception."""
@@ -309,6 +337,24 @@ class Worker:
                 job.future.set_result(res)
         if self.on_batch is not None:
             self.on_batch(sum(j.n for j in batch), seconds)
+
+
+class _Callback:
+    """Stands for a job's future in _answer: hands the result to a function instead of a task."""
+    __slots__ = ("worker", "nbytes", "fn")
+
+    def __init__(self, worker: Worker, nbytes: int, fn):
+        self.worker, self.nbytes, self.fn = worker, nbytes, fn
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, result) -> None:
+        self.worker.held_bytes -= self.nbytes
+        try:
+            self.fn(result)
+        except Exception:  # one answer failing must not keep the rest of the batch waiting
+            log.exception("answering a request failed")
 
 
 def _settle_call(fut: asyncio.Future, value, error) -> None:

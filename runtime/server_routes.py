@@ -33,10 +33,6 @@ def error(status: int, message: str, headers: dict | None = None) -> web.Respons
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
-def overloaded(message: str = "the request queue is full; retry shortly") -> web.Response:
-    return error(503, message, {"Retry-After": "1"})
-
-
 # ------------------------------------------------------------------------------ middlewares
 
 def make_middlewares(daemon):
@@ -54,29 +50,16 @@ def make_middlewares(daemon):
                 resp = error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
             else:
                 resp = await handler(request)
-        except NotFound as e:
-            resp = error(404, str(e))
-        except UnsupportedMediaType as e:
-            resp = error(415, str(e))
-        except InputError as e:
-            resp = error(400, str(e))
-        except StateError as e:
-            resp = error(409, str(e))
-        except Unavailable as e:
-            resp = error(503, str(e), {"Retry-After": "2"})
-        except Overloaded:
-            daemon.metrics.rejected.inc()
-            resp = overloaded()
-        except PersistError as e:
-            resp = error(503, str(e), {"Retry-After": "5"})
         except web.HTTPException as e:
             if e.status < 400:
                 raise
             reason = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
             resp = error(e.status, reason, {k: v for k, v in e.headers.items() if k in ("Allow",)})
-        except Exception:
-            log.exception("unexpected error in %s %s", request.method, request.path)
-            resp = error(500, "internal error (logged by the daemon)")
+        except Exception as e:
+            status, message, extra = error_for(e, daemon)
+            if status == 500:
+                log.exception("unexpected error in %s %s", request.method, request.path)
+            resp = error(status, message, dict(extra) or None)
         finally:
             route = request.match_info.route.resource
             name = route.canonical if route is not None else "unmatched"
@@ -89,6 +72,27 @@ def make_middlewares(daemon):
 
 
 # ------------------------------------------------------------------------------ helpers
+
+def error_for(e: BaseException, daemon) -> tuple[int, str, tuple]:
+    """(status, message, extra headers) answering an exception raised while serving a request:
+    the client's mistakes are 4xx, overload and shutdown 503, anything unexpected 500."""
+    if isinstance(e, NotFound):
+        return 404, str(e), ()
+    if isinstance(e, UnsupportedMediaType):
+        return 415, str(e), ()
+    if isinstance(e, InputError):
+        return 400, str(e), ()
+    if isinstance(e, StateError):
+        return 409, str(e), ()
+    if isinstance(e, Unavailable):
+        return 503, str(e), (("Retry-After", "2"),)
+    if isinstance(e, Overloaded):
+        daemon.metrics.rejected.inc()
+        return 503, "the request queue is full; retry shortly", (("Retry-After", "1"),)
+    if isinstance(e, PersistError):
+        return 503, str(e), (("Retry-After", "5"),)
+    return 500, "internal error (logged by the daemon)", ()
+
 
 def _token_ok(request: web.Request, token: bytes) -> bool:
     given = request.headers.get("Authorization", "")
