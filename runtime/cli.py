@@ -56,7 +56,7 @@ def register_cluster(main: click.Group) -> None:
     @click.option("--decay", type=click.FloatRange(0, 1, min_open=True), default=None,
                   help="Per-sample decay of cluster counts [default: 0.999].")
     @click.option("--refine-every", type=click.IntRange(0), default=None,
-                  help="Soft k-means refinement every N samples, 0 = off [default: 100].")
+                  help="Repair (split mixed clusters, reassign, merge fragments) every N samples over the last 256, 0 = off [default: 50].")
     @click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                   help="Resume from and save to this state folder.")
     @click.option("--keep", type=click.IntRange(1), default=3, show_default=True,

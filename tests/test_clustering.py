@@ -121,20 +121,76 @@ def test_merge_never_joins_two_different_known_classes():
         c.merge([ids["a"], ids["b"]])
 
 
-def test_refinement_conserves_mass_and_is_a_no_op_when_assignments_are_hard():
-    x, _, _ = blobs(n_classes=4, per_class=30, noise=0.15, seed=1)
-    plain = StreamClusterer(D, threshold=0.6, decay=1.0, merge_threshold=0, refine_every=0)
-    sharp = StreamClusterer(D, threshold=0.6, decay=1.0, merge_threshold=0, refine_every=40, temperature=1e4)
-    soft = StreamClusterer(D, threshold=0.6, decay=1.0, merge_threshold=0, refine_every=40, temperature=2.0)
-    for c in (plain, sharp, soft):
-        c.partial_fit(x)
-    assert sharp.stats["refinements"] == len(x) // 40
-    # a near-infinite temperature makes the soft votes equal the hard ones
-    np.testing.assert_allclose(sharp.prototypes()[1], plain.prototypes()[1], atol=1e-4)
-    # soft votes move the prototypes but keep the total mass (one unit per sample)
-    assert sum(i.count for i in soft.clusters()) == pytest.approx(len(x), rel=1e-6)
-    if soft.n_clusters == plain.n_clusters:
-        assert not np.allclose(soft.prototypes()[1], plain.prototypes()[1], atol=1e-4)
+def _two_blobs(sep, per=30, noise=0.02, seed=0):
+    """Two blobs `sep` apart (squared distance), in random order."""
+    rng = np.random.default_rng(seed)
+    centres = np.stack([axis(0), axis(1)]) * math.sqrt(sep / 2)
+    y = rng.permutation(np.repeat([0, 1], per))
+    return (centres[y] + noise * rng.normal(size=(len(y), D))).astype(np.float32), y
+
+
+def test_repair_splits_a_cluster_that_holds_two_classes():
+    # blobs 0.5 apart, threshold 0.6: a sample of either blob is within the threshold of a mixed
+    # prototype halfway between (0.125 + noise), so the online rule alone keeps one cluster
+    x, y = _two_blobs(sep=0.5)
+    kw = dict(threshold=0.6, distance="sqeuclidean", decay=1.0)
+    plain = StreamClusterer(D, refine_every=0, **kw)
+    plain.partial_fit(x)
+    assert plain.n_clusters == 1
+    c = StreamClusterer(D, refine_every=10, **kw)
+    ids = np.array([a.cluster_id for a in c.partial_fit(x)])
+    assert c.stats["split"] >= 1 and c.n_clusters == 2
+    final = np.array([a.cluster_id for a in c.predict(x)])
+    assert all(len(np.unique(y[final == k])) == 1 for k in np.unique(final))  # each cluster one blob
+    assert all(len(np.unique(ids[20:][y[20:] == k])) == 1 for k in (0, 1))  # later samples: stable ids
+    # mass is conserved: every sample still counts once (no decay)
+    assert sum(i.count for i in c.clusters()) == pytest.approx(len(x), rel=1e-6)
+    assert sum(i.seen for i in c.clusters()) == len(x)
+
+
+def test_repair_never_splits_one_tight_class_and_merges_its_early_fragments():
+    rng = np.random.default_rng(1)
+    # one class spread along a line: its first two samples are the two ends, farther apart than the
+    # threshold, so they open two clusters; the rest fill the space between
+    line = np.linspace(-1, 1, 60)[:, None] * axis(0) * 0.45
+    x = np.concatenate([line[[0, -1]], rng.permutation(line[1:-1])]) + 0.01 * rng.normal(size=(60, D))
+    x = x.astype(np.float32)
+    kw = dict(threshold=0.5, distance="sqeuclidean", decay=1.0, merge_threshold=1e-9)  # no per-sample merges
+    plain = StreamClusterer(D, refine_every=0, **kw)
+    plain.partial_fit(x)
+    assert plain.n_found == 2
+    c = StreamClusterer(D, refine_every=10, **kw)
+    c.partial_fit(x)
+    assert c.n_found == 1 and c.stats["merged"] >= 1 and c.stats["split"] == 0
+    off = StreamClusterer(D, refine_every=10, **dict(kw, merge_threshold=0.0))  # 0 turns merging off
+    off.partial_fit(x)
+    assert off.stats["merged"] == 0
+
+
+def test_repair_keeps_known_classes_and_forgets_removed_clusters():
+    x, y = _two_blobs(sep=0.5)
+    c = StreamClusterer(D, threshold=0.6, distance="sqeuclidean", decay=1.0, refine_every=10)
+    c.learn_examples(x[:2], ["a", "b"] if y[0] != y[1] else ["a", "a"])
+    c.partial_fit(x[2:30])
+    victim = [i.id for i in c.clusters() if i.label is None]
+    for cid in victim:
+        c.remove(cid)
+    c.partial_fit(x[30:])  # the repair meets remembered samples of removed clusters: dropped
+    assert {"a"} <= {i.label for i in c.clusters()}
+    assert c.stats["refinements"] == (len(x) - 2) // 10
+
+
+def test_two_means_each_matches_a_direct_two_means():
+    from protoedge.runtime.clustering import _two_means_each
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, D)).astype(np.float32)
+    x[:20] += 3.0  # group 0 (rows 0-29) holds two clear halves: rows 0-19 and 20-29
+    far, gap = _two_means_each(x, [np.arange(0, 30), np.arange(30, 50)])
+    halves = {tuple(np.flatnonzero(far[0])), tuple(np.flatnonzero(~far[0]))}
+    assert tuple(range(20)) in halves and tuple(range(20, 30)) in halves
+    assert gap[0] == pytest.approx(float(((x[:20].mean(0) - x[20:30].mean(0)) ** 2).sum()), rel=1e-4)
+    assert gap[0] > 10 * gap[1]
 
 
 def test_stream_recovers_well_separated_classes():
@@ -366,33 +422,19 @@ def _separated_blobs(n=6, sep=0.3, noise=0.03, per=40, seed=0):
     return (centres[y] + noise * rng.normal(size=(len(y), D))).astype(np.float32), y
 
 
-def test_merges_do_not_chain_across_well_separated_clusters_with_a_low_temperature(monkeypatch):
-    """A weakly trained encoder: short distances and a low logit scale. Refinement used that scale
-    as is, so its soft votes were nearly uniform, pulled every prototype to the window mean, and the
-    prototypes merged in a chain (the demo's one 817-image cluster). Blobs 0.3 apart, threshold 0.15:"""
-    import protoedge.runtime.clustering as clustering
-
+def test_merges_do_not_chain_across_well_separated_clusters_with_a_low_temperature():
+    """A weakly trained encoder: short distances and a low logit scale. The old soft refinement used
+    that scale as is, so its votes were nearly uniform, pulled every prototype to the window mean,
+    and the prototypes merged in a chain (the demo's one 817-image cluster). The repair is hard
+    and must keep blobs 0.3 apart, threshold 0.15, apart:"""
     x, y = _separated_blobs()
     d = ((x[:, None] - x[None]) ** 2).sum(-1)
     assert d[y[:, None] == y[None]].max() < 0.15 < d[y[:, None] != y[None]].min()
-
-    def run():
-        c = StreamClusterer(D, threshold=0.15, distance="sqeuclidean", temperature=1.0, refine_every=20, decay=1.0)
-        ids = np.array([c.resolve(a.cluster_id) for a in c.partial_fit(x)])
-        return c, ids
-
-    c, ids = run()
-    assert c.n_found == 6 and c.stats["merged"] == 0
+    c = StreamClusterer(D, threshold=0.15, distance="sqeuclidean", temperature=1.0, refine_every=20, decay=1.0)
+    ids = np.array([c.resolve(a.cluster_id) for a in c.partial_fit(x)])
+    assert c.n_found == 6 and c.stats["merged"] == 0 and c.stats["split"] == 0
+    assert c.stats["refinements"] == len(x) // 20
     assert all(len(np.unique(y[ids == k])) == 1 for k in np.unique(ids))  # every cluster is one blob
-    monkeypatch.setattr(clustering, "REFINE_SHARPNESS", 0.0)  # the old refinement: votes at temperature 1
-    old, old_ids = run()
-    assert old.stats["merged"] > 0 and old.n_found < 6  # the test does catch the chain
-
-
-def test_refinement_votes_are_at_least_sharp_enough_for_the_threshold():
-    c = StreamClusterer(D, threshold=0.2, temperature=1.0)
-    assert c._refine_temperature() == pytest.approx(10.0 / 0.2)
-    assert StreamClusterer(D, threshold=0.5, temperature=40.0)._refine_temperature() == 40.0
 
 
 def test_state_format_1_still_loads(tmp_path):
