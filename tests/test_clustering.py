@@ -470,3 +470,32 @@ def test_an_input_buffer_the_caller_reuses_does_not_change_the_refinement():
         assert reused.partial_fit(memoryview(buf)) == want
     assert fresh.stats["refinements"] > 0
     np.testing.assert_array_equal(reused.prototypes()[1], fresh.prototypes()[1])
+
+
+def test_blas_runs_on_one_thread_inside_the_clusterer_and_is_restored_after(monkeypatch):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from protoedge.runtime.clustering import one_blas_thread
+
+    with one_blas_thread():  # picks the BLAS libraries loaded now: numpy's (scipy may bring its own later)
+        pass
+    ours = {lib.filepath for lib in one_blas_thread._libs}
+    assert ours
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["filepath"] in ours]
+
+    seen = []
+    real = StreamClusterer._fit_batch
+
+    def spy(self, x):
+        seen.append(blas_threads())
+        return real(self, x)
+
+    monkeypatch.setattr(StreamClusterer, "_fit_batch", spy)
+    x, _, _ = blobs(n_classes=3, per_class=10)
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        StreamClusterer(D, threshold=0.5).partial_fit(x)
+        assert blas_threads() == before
+    assert seen and all(t == [1] * len(before) for t in seen)
