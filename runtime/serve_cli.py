@@ -68,12 +68,16 @@ def register(main: click.Group, bench: click.Group) -> None:
 @click.option("--fast-path/--no-fast-path", default=True, show_default=True,
               help="Serve POST /v1/cluster and /v1/assign with .npy bodies on a lean HTTP path in front of "
                    "aiohttp (--no-fast-path: every request through aiohttp's handler).")
+@click.option("--sync-thread/--no-sync-thread", default=True, show_default=True,
+              help="With --fsync always, fdatasync each applied micro-batch and answer it on a thread of its "
+                   "own while the worker goes on with the next batch (--no-sync-thread: the worker waits).")
 @click.option("--threshold", type=float, default=None,
               help="New-cluster distance [default: from the bundle's calibration].")
 @click.option("--max-clusters", type=click.IntRange(1, None), default=1000, show_default=True)
 def serve(bundle, host, port, socket_path, state_dir, backend, precision, threads, cache_dir, token_file,
           max_batch, max_wait_ms, max_queue, max_queue_mb, max_body_mb, max_images, fsync, fsync_interval,
-          snapshot_every, event_loop, switch_interval_ms, pipeline, inline_idle, fast_path, threshold, max_clusters):
+          snapshot_every, event_loop, switch_interval_ms, pipeline, inline_idle, fast_path, sync_thread,
+          threshold, max_clusters):
     """Run the local clustering daemon on BUNDLE (HTTP on loopback and/or a Unix socket).
 
     \b
@@ -107,7 +111,7 @@ def serve(bundle, host, port, socket_path, state_dir, backend, precision, thread
                           max_body_bytes=int(max_body_mb * 1024 * 1024), max_images_per_request=max_images,
                           fsync=fsync, fsync_interval_s=fsync_interval, snapshot_every=snapshot_every,
                           event_loop=event_loop, switch_interval_ms=switch_interval_ms, pipeline=pipeline,
-                          inline_idle=inline_idle, fast_path=fast_path,
+                          inline_idle=inline_idle, fast_path=fast_path, sync_thread=sync_thread,
                           clusterer=clusterer)
     raise SystemExit(run_server(config))
 

@@ -71,6 +71,7 @@ class ServerConfig:
     pipeline: bool = False               # encoder thread + state thread instead of one worker thread
     inline_idle: bool = True             # a lone request runs on the event loop (no thread hand-offs)
     fast_path: bool = True               # POST /v1/cluster|assign (.npy) skip aiohttp's request machinery
+    sync_thread: bool = True             # fsync always: fdatasync + answers on their own thread
     clusterer: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -222,13 +223,28 @@ class Daemon:
         return self.state.embed_jobs(jobs, self.config.max_batch)
 
     def _apply(self, jobs, emb):
-        """Worker thread: one micro-batch -> one result per job, once its updates are durable
-        (apply_batch writes the batch's log records and commits them: one fdatasync per batch)."""
+        """Worker thread: one micro-batch -> one result per job. apply_batch writes the batch's log
+        records; with --fsync always the worker's sync thread commits them (_commit: fdatasync,
+        one for every batch applied meanwhile) before any of them is answered, otherwise
+        apply_batch commits as the policy says."""
         try:
-            return self.state.apply_batch(jobs, emb)
+            return self.state.apply_batch(jobs, emb, commit=not self._sync_thread)
         except (PersistError, OSError) as e:
             self.fail("the update log cannot be written")
             return [e if isinstance(e, PersistError) else PersistError(str(e))] * len(jobs)
+
+    def _commit(self) -> None:
+        """The worker's sync thread: make every applied batch durable (PersistError if not)."""
+        try:
+            self.state.commit()
+        except PersistError:
+            self.fail("the update log cannot be written")
+            raise
+
+    @property
+    def _sync_thread(self) -> bool:
+        cfg = self.config
+        return cfg.sync_thread and cfg.fsync == "always" and cfg.state_dir is not None
 
     def _on_batch(self, n_images: int, seconds: float) -> None:
         self.metrics.batch_size.observe(n_images)
@@ -256,7 +272,7 @@ class Daemon:
                                "max_wait_ms": self.config.max_wait_ms, "fsync": self.config.fsync,
                                "pipeline": self.config.pipeline,
                                "inline_idle": self.config.inline_idle and not self.config.pipeline,
-                               "fast_path": self.config.fast_path,
+                               "fast_path": self.config.fast_path, "sync_thread": self._sync_thread,
                                "event_loop": type(self._loop).__module__.split(".")[0] if self._loop else None}}
 
     # ------------------------------------------------------------------ start-up (worker thread)
@@ -288,7 +304,7 @@ class Daemon:
         cfg = self.config
         self.worker = Worker(self._loop, self._embed, self._apply, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue,
                              cfg.max_queue_bytes, on_batch=self._on_batch, pipeline=cfg.pipeline,
-                             inline_idle=cfg.inline_idle)
+                             inline_idle=cfg.inline_idle, commit=self._commit if self._sync_thread else None)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)
         from .server_routes import build_app

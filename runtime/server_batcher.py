@@ -50,7 +50,7 @@ _END = object()  # encoder stage -> state stage: nothing follows
 class Worker:
     def __init__(self, loop: asyncio.AbstractEventLoop, embed, apply, max_batch: int = 64, max_wait_ms: float = 0.0,
                  max_queue: int = 256, max_queue_bytes: int = 64 << 20, on_batch=None, pipeline: bool = False,
-                 inline_idle: bool = False):
+                 inline_idle: bool = False, commit=None):
         """embed(jobs) -> embeddings of all their images (reads no state); apply(jobs, embeddings)
         -> one result (a value or an exception) per job, returning only once the batch's updates
         are as durable as the policy says. on_batch(n_images, seconds) runs on the event loop.
@@ -59,7 +59,14 @@ class Worker:
         embeds the next batch while the state thread applies, logs and fsyncs the previous one
         (both stages release the GIL for most of their time: ORT, fdatasync); the encoder takes a
         new batch only once the state thread has picked up the last one, so batches still grow
-        with the load instead of the stages racing ahead with small ones."""
+        with the load instead of the stages racing ahead with small ones.
+
+        commit: None, or a function that makes every update applied so far durable (fdatasync);
+        apply() then does not commit, and a sync thread commits each applied batch and answers it
+        afterwards, while the worker already embeds and applies the next one (group commit over
+        whatever batches were applied meanwhile). No answer leaves before its commit; calls run
+        only once every applied batch is committed, so they never see an update that could
+        still be lost."""
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and max_queue must be >= 1, max_wait_ms >= 0")
         self.loop, self.embed, self.apply, self.on_batch = loop, embed, apply, on_batch
@@ -80,6 +87,14 @@ class Worker:
         self.pipeline = pipeline
         self._handoff: collections.deque = collections.deque()  # encoder stage -> state stage
         self._hcv = threading.Condition(threading.Lock())
+        self.commit = commit
+        self._syncq: collections.deque = collections.deque()  # applied batches waiting for a commit
+        self._scv = threading.Condition(threading.Lock())
+        self._sync_busy = False
+        self._syncer = None
+        if commit is not None:
+            self._syncer = threading.Thread(target=self._run_sync, name="protoedge-sync", daemon=True)
+            self._syncer.start()
         if pipeline:
             threads = [threading.Thread(target=self._run_encoder, name="protoedge-encoder", daemon=True),
                        threading.Thread(target=self._run_state, name="protoedge-worker", daemon=True)]
@@ -177,6 +192,11 @@ class Worker:
         t0 = time.perf_counter()
         batch = [job]
         result = self._results(batch, self._embed(batch))[0]
+        if self.commit is not None and not isinstance(result, BaseException):
+            try:
+                self.commit()
+            except Exception as e:  # noqa: BLE001 (the request learns it)
+                result = e
         self.inline_runs += 1
         if self.on_batch is not None:
             self.on_batch(job.n, time.perf_counter() - t0)
@@ -254,9 +274,52 @@ class Worker:
 
     def _apply(self, batch, emb, t0: float) -> None:
         results = self._results(batch, emb)
-        self._deliver(self._answer, batch, results, time.perf_counter() - t0)
+        if self.commit is None:
+            self._deliver(self._answer, batch, results, time.perf_counter() - t0)
+            return
+        with self._scv:
+            self._syncq.append((batch, results, t0))
+            self._scv.notify_all()
+
+    def _run_sync(self) -> None:
+        """Sync thread: commit the applied batches (one commit for all waiting), then answer them."""
+        while True:
+            with self._scv:
+                while not self._syncq:
+                    self._scv.wait()
+                items = list(self._syncq)
+                self._syncq.clear()
+                self._sync_busy = True
+            stop = items[-1] is _END
+            if stop:
+                items.pop()
+            error = None
+            if items:
+                try:
+                    self.commit()
+                except Exception as e:  # noqa: BLE001 (the disk failed: every waiting request learns it)
+                    log.exception("commit of %d micro-batches failed", len(items))
+                    error = e
+            for batch, results, t0 in items:
+                if error is not None:
+                    results = [r if isinstance(r, BaseException) else error for r in results]
+                self._deliver(self._answer, batch, results, time.perf_counter() - t0)
+            with self._scv:
+                self._sync_busy = False
+                self._scv.notify_all()
+            if stop:
+                return
+
+    def _synced(self) -> None:
+        """Wait until every applied batch is committed and answered (before a call, and at the end)."""
+        if self.commit is None:
+            return
+        with self._scv:
+            while self._syncq or self._sync_busy:
+                self._scv.wait()
 
     def _call(self, work: _Call) -> None:
+        self._synced()
         try:
             value, error = work.fn(), None
         except BaseException as e:  # noqa: BLE001 (handed to the caller)
@@ -322,6 +385,11 @@ class Worker:
     def _finish(self) -> None:
         with self._cv:
             self._closed = True
+        if self._syncer is not None:
+            with self._scv:
+                self._syncq.append(_END)
+                self._scv.notify_all()
+            self._syncer.join()
         self._deliver(_settle_call, self._done, None, None)
 
     def _deliver(self, fn, *args) -> None:

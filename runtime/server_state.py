@@ -227,8 +227,9 @@ class DaemonState:
             return embed(pixels)
         return np.concatenate([embed(pixels[i:i + max_batch]) for i in range(0, len(pixels), max_batch)])
 
-    def apply_batch(self, jobs: list[Job], emb: np.ndarray) -> list:
-        """Apply each job with its embeddings in arrival order, log and commit (once per batch)."""
+    def apply_batch(self, jobs: list[Job], emb: np.ndarray, commit: bool = True) -> list:
+        """Apply each job with its embeddings in arrival order, log and commit (once per batch;
+        commit=False: the caller commits before answering any of them)."""
         parts, start = [], 0
         for job in jobs:
             parts.append(emb[start:start + job.n])
@@ -245,7 +246,8 @@ class DaemonState:
                     results[i] = self._run_job(job, parts[i])
                 except InputError as e:
                     results[i] = e
-        self.commit()
+        if commit:
+            self.commit()
         return results
 
     def _fit_together(self, jobs, parts, fits, results) -> None:
