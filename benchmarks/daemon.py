@@ -272,6 +272,13 @@ def _proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _thread_cpu_seconds(pid: int, tid: int) -> float:
+    """CPU seconds of one thread of a process (the daemon's event loop is its main thread)."""
+    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _metric(text: str, name: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + " "):
@@ -326,10 +333,11 @@ def measure_daemon(bundle: str, fsync: str, seconds: float, n_latency: int, thre
         r["throughput"] = {}
         for k in clients:
             print(f"[fsync {fsync}] throughput with {k} clients", file=sys.stderr)
-            cpu0 = _proc_cpu_seconds(server.pid)
+            cpu0, loop0 = _proc_cpu_seconds(server.pid), _thread_cpu_seconds(server.pid, server.pid)
             b0 = _batch_counters(url)
             t = _run_worker("load", url=url, clients=k, seconds=seconds)
             b1 = _batch_counters(url)
+            loop_cpu = _thread_cpu_seconds(server.pid, server.pid) - loop0
             lms = 1e3 * np.asarray(t["latencies_s"]) if t["latencies_s"] else np.zeros(1)
             calls = b1[0] - b0[0]
             r["throughput"][str(k)] = {
@@ -337,7 +345,7 @@ def measure_daemon(bundle: str, fsync: str, seconds: float, n_latency: int, thre
                 "seconds": t["elapsed_s"], "p50_ms": float(np.percentile(lms, 50)),
                 "p99_ms": float(np.percentile(lms, 99)),
                 "server_cpu_s": _proc_cpu_seconds(server.pid) - cpu0, "client_cpu_s": t["client_cpu_s"],
-                "encoder_calls": calls, "images_per_call": (b1[1] - b0[1]) / max(calls, 1),
+                "event_loop_cpu_s": loop_cpu, "encoder_calls": calls, "images_per_call": (b1[1] - b0[1]) / max(calls, 1),
                 "batch_ms": 1e3 * (b1[2] - b0[2]) / max(calls, 1), "fsync_ms_per_batch": 1e3 * (b1[3] - b0[3]) / max(calls, 1)}
         with Client(url) as c:
             metrics = c.metrics()
@@ -380,7 +388,8 @@ def run_benchmark(bundle: str, out_dir: str = "benchmarks/results", seconds: flo
     load_before = os.getloadavg()
     policies = ("always", "interval") if fsync == "both" else (fsync,)
     daemons = {p: measure_daemon(bundle, p, seconds, n_latency, threads) for p in policies}
-    # Other settings, 16 clients only: inference threads, and asyncio's own event loop vs uvloop.
+    # Other settings, 16 clients only: inference threads, pipeline, GIL switch interval, event loop,
+    # inline fast path, HTTP fast path, sync thread.
     variants = {}
     other_threads = 2 if threads != 2 else 1
     print(f"[fsync {policies[0]}] 16 clients with {other_threads} inference threads", file=sys.stderr)
@@ -401,6 +410,14 @@ def run_benchmark(bundle: str, out_dir: str = "benchmarks/results", seconds: flo
     variants["no inline fast path (--no-inline-idle)"] = measure_daemon(
         bundle, policies[0], seconds, n_latency, threads, clients=(16,), latency=True,
         extra=("--no-inline-idle",))
+    print(f"[fsync {policies[0]}] every request through aiohttp (--no-fast-path)", file=sys.stderr)
+    variants["every request through aiohttp (--no-fast-path)"] = measure_daemon(
+        bundle, policies[0], seconds, n_latency, threads, clients=(16,), latency=False, extra=("--no-fast-path",))
+    if policies[0] == "always":
+        print(f"[fsync {policies[0]}] fdatasync on the worker thread (--no-sync-thread)", file=sys.stderr)
+        variants["fdatasync on the worker thread (--no-sync-thread)"] = measure_daemon(
+            bundle, policies[0], seconds, n_latency, threads, clients=(16,), latency=False,
+            extra=("--no-sync-thread",))
     print("the runtime in-process", file=sys.stderr)
     inproc = in_process(bundle, threads, n_latency, seconds)
     for d in daemons.values():
@@ -476,15 +493,20 @@ def render_markdown(r: dict) -> str:
               "answer before sending the next (no pipelining); all clients run in one load-generator process "
               "(an epoll loop over raw sockets).", "",
               "| fsync | clients | images/s | p50 ms | p99 ms | 503s | images per batch | ms per batch (of it fdatasync) "
-              "| server CPU s | client CPU s | server CPU ms/image | seconds |",
+              "| server CPU s | client CPU s | server CPU ms/image (of it event loop) | seconds |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
+    def cpu_per_image(t):
+        n = max(t["images"], 1)
+        loop = f" ({1e3 * t['event_loop_cpu_s'] / n:.2f})" if "event_loop_cpu_s" in t else ""
+        return f"{1e3 * t['server_cpu_s'] / n:.2f}{loop}"
+
     def row(label, k, t):
-        per_image = 1e3 * t["server_cpu_s"] / max(t["images"], 1)
+        per_image = cpu_per_image(t)
         return (f"| {label} | {k} | {t['images_per_s']:.0f} | {t['p50_ms']:.2f} | {t['p99_ms']:.2f} | "
                 f"{t['rejected_503']} | {t.get('images_per_call', float('nan')):.1f} | "
                 f"{t.get('batch_ms', float('nan')):.2f} ({t.get('fsync_ms_per_batch', float('nan')):.2f}) | {t['server_cpu_s']:.2f} | "
-                f"{t['client_cpu_s']:.2f} | {per_image:.2f} | {t['seconds']:.1f} |")
+                f"{t['client_cpu_s']:.2f} | {per_image} | {t['seconds']:.1f} |")
 
     for p, d in daemons.items():
         for k, t in d["throughput"].items():
@@ -492,13 +514,14 @@ def render_markdown(r: dict) -> str:
     lines.append("")
     if r.get("variants"):
         lines += ["Other daemon settings, 16 clients (same policy as the first rows above):", "",
-                  "| setting | fsync | images/s | p50 ms | p99 ms | images per encoder call | server CPU ms/image |",
+                  "| setting | fsync | images/s | p50 ms | p99 ms | images per encoder call "
+                  "| server CPU ms/image (of it event loop) |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         for name, v in r["variants"].items():
             t = v["throughput"]["16"]
             lines.append(f"| {name} | {v['fsync']} | {t['images_per_s']:.0f} | {t['p50_ms']:.2f} | {t['p99_ms']:.2f} | "
                          f"{t.get('images_per_call', float('nan')):.1f} | "
-                         f"{1e3 * t['server_cpu_s'] / max(t['images'], 1):.2f} |")
+                         f"{cpu_per_image(t)} |")
         lines.append("")
         for name, v in r["variants"].items():
             if "latency_1_client" in v:
