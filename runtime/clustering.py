@@ -881,8 +881,8 @@ class StreamClusterer:
         if not big.any():
             return
         tested = ids[big]
-        members = np.split(np.argsort(slots, kind="stable"), np.cumsum(counts)[:-1])
-        members = [m for m, b in zip(members, big) if b]
+        order, ends = np.argsort(slots, kind="stable"), np.cumsum(counts)
+        members = [order[e - c:e] for e, c in zip(ends[big].tolist(), counts[big].tolist())]
         far, gap = _two_means_each(x, members)
         for s, rows, f, g in zip(tested.tolist(), members, far, gap):
             small = rows[f] if 2 * f.sum() <= len(f) else rows[~f]
@@ -948,9 +948,10 @@ class StreamClusterer:
             cost = c[:, None] * c[None] / (c[:, None] + c[None]) * d
             cost[(d >= MERGE_CAP * tau) | np.eye(len(ids), dtype=bool)] = np.inf
             names = [self._labels[s] for s in slots]
-            for i, j in zip(*np.nonzero(np.isfinite(cost))):
-                if names[i] is not None and names[j] is not None and names[i] != names[j]:
-                    cost[i, j] = np.inf
+            if sum(v is not None for v in names) > 1:  # known classes with different names never merge
+                for i, j in zip(*np.nonzero(np.isfinite(cost))):
+                    if names[i] is not None and names[j] is not None and names[i] != names[j]:
+                        cost[i, j] = np.inf
             i, j = divmod(int(cost.argmin()), len(ids))
             if not cost[i, j] < MERGE_COST * tau:
                 return
@@ -1038,7 +1039,7 @@ def _two_means_each(x: np.ndarray, groups: list[np.ndarray], iters: int = 8) -> 
         b = sb / np.maximum(nb, 1)
     nb = np.add.reduceat(mask.astype(np.int64), starts)
     gap = np.where((nb > 0) & (nb < sizes), ((a - b) ** 2).sum(1), 0.0)
-    return np.split(mask, starts[1:]), gap
+    return [mask[a:a + m] for a, m in zip(starts.tolist(), sizes.tolist())], gap
 
 
 def _check_labels(labels, n: int) -> list[str]:
