@@ -75,6 +75,17 @@ def _torch_model(bundle):
 BLOCK = 5  # calls per method per round in bench_speed (the first of each is dropped)
 
 
+def _settle(step: float = 0.02, cap: float = 0.5) -> None:
+    """Wait until this process is idle (< 5% of a core over `step` seconds), at most `cap` s:
+    until the thread pools of the last method have stopped spinning."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < cap:
+        cpu = time.process_time()
+        time.sleep(step)
+        if time.process_time() - cpu < 0.05 * step:
+            return
+
+
 def bench_speed(bundle, images: np.ndarray, repeats: int) -> dict:
     import onnxruntime as ort
 
@@ -83,8 +94,9 @@ def bench_speed(bundle, images: np.ndarray, repeats: int) -> dict:
     bare = ort.InferenceSession(str(bundle.onnx_path("fp32")), providers=["CPUExecutionProvider"])
     in_name = bare.get_inputs()[0].name
     model, torch_note = _torch_model(bundle)
-    # runtime_embed_only: the runtime's own session (no spinning, explicit threads) without
-    # clustering, to split the end-to-end gap into session settings and clustering
+    # runtime_embed_only: the runtime's own encoder (single-threaded sessions without spinning, a
+    # batch split over the threads) without clustering, to split the end-to-end gap into the
+    # encoder and clustering
     methods = {"runtime": lambda x: rt.cluster(x), "runtime_embed_only": lambda x: rt.embed(x),
                "bare_onnxruntime": lambda x: bare.run(None, {in_name: x})}
     if model is not None:
@@ -104,14 +116,18 @@ def bench_speed(bundle, images: np.ndarray, repeats: int) -> dict:
             for _ in range(3):
                 f(images[:b])
         # Each round runs every method on the same BLOCK batches, methods in a random order, and
-        # drops each block's first call. Calls are not interleaved one by one because bare ORT's
-        # and torch's thread pools spin-wait after a call: the spinning threads would slow whatever
-        # ran next, the runtime's non-spinning session most (0.60x vs 0.77x of bare, measured).
+        # drops each block's first call. Calls are not interleaved one by one, and each block waits
+        # until no thread of this process burns CPU, because bare ORT's and torch's thread pools
+        # spin-wait after a call (ORT's for ~45 ms, measured): the spinning threads would slow
+        # whatever ran next, a method that uses both cores without spinning most (the runtime's
+        # encoder at batch 8: 0.49-0.58x of bare without the wait, 0.81-0.87x with it, measured
+        # minutes apart).
         for _ in tqdm(range(max(1, n_rep // (BLOCK - 1))), desc=f"speed b{b}", leave=False):
             xs = [np.ascontiguousarray(images[s:s + b]) for s in rng.integers(0, len(images) - b, BLOCK)]
             order = list(methods.items())
             rng.shuffle(order)
             for m, f in order:
+                _settle()
                 for i, x in enumerate(xs):
                     t = time.perf_counter()
                     f(x)
@@ -122,6 +138,7 @@ def bench_speed(bundle, images: np.ndarray, repeats: int) -> dict:
             stats[m]["ratio_vs_bare"] = stats[m]["images_per_s"] / stats["bare_onnxruntime"]["images_per_s"]
         out["batches"][str(b)] = stats
     out["runtime_backend"] = rt.describe()["encoder"]
+    out["split_min"] = getattr(rt.encoder, "split_min", None)
     return out
 
 
@@ -528,9 +545,12 @@ def write_markdown(res: dict, path: Path) -> None:
     L += ["", "## Speed (CPU, ONNX Runtime %d threads; torch: %s)" % (sp["threads"], sp["torch"]), "",
           "Runtime = pixels in, assignments out (validation, embedding, assign + update). "
           "Bare = `InferenceSession.run` on the same ONNX file, default session options. "
-          "`runtime_embed_only` = the runtime's session without clustering. Each round runs every method "
-          "on the same %d batches in a random method order, dropping each block's first call (thread "
-          "pools that spin after a call would otherwise slow the next method); medians and p99." % BLOCK, "",
+          "`runtime_embed_only` = the runtime's encoder without clustering (single-threaded sessions, "
+          "no spinning; a batch of >= %d images is split over the threads). Each round runs every method "
+          "on the same %d batches in a random method order, dropping each block's first call; before "
+          "each block the bench waits until the process is idle (bare ORT's and torch's pools spin for "
+          "tens of ms after a call and would otherwise slow the next method); medians and p99."
+          % (sp.get("split_min", 8), BLOCK), "",
           "| batch | method | images/s | per-sample p50 us | per-sample p99 us | call p50 ms | vs bare |",
           "|---|---|---|---|---|---|---|"]
     for b, stats in sp["batches"].items():
