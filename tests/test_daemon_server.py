@@ -383,3 +383,61 @@ def test_runs_on_asyncio_s_own_loop_and_on_uvloop_with_one_or_two_worker_threads
                 assert params["inline_idle"] == (pipeline != "--pipeline")  # the fast path needs one worker
         assert srv.terminate() == 0
         assert "stopped (exit 0)" in srv.output()
+
+
+def _responses(sock, n: int) -> list[tuple[int, dict, bytes]]:
+    """Read n HTTP/1.1 responses (Content-Length bodies) from a socket."""
+    buf, out = b"", []
+    while len(out) < n:
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            head = buf[:end].decode("latin-1").split("\r\n")
+            headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in head[1:])}
+            length = int(headers.get("content-length", 0))
+            if len(buf) >= end + 4 + length:
+                out.append((int(head[0].split()[1]), headers, buf[end + 4:end + 4 + length]))
+                buf = buf[end + 4 + length:]
+                continue
+        data = sock.recv(65536)
+        assert data, f"connection closed after {len(out)} of {n} answers"
+        buf += data
+    return out
+
+
+def _post(path: str, body: bytes, ctype: str = "application/x-npy") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_fast_path_answers_in_order_and_hands_other_requests_to_aiohttp(server, transport):
+    """POST /v1/cluster|assign with .npy bodies are answered by the lean HTTP path (server_fast.py),
+    pipelined requests in order; the first other request moves the connection to aiohttp, which
+    answers the same request with the same bytes."""
+    one = Client._body(images(1, seed=77), None)[0]
+    bad = Client._body(np.zeros((1, 1, 27, 28), np.uint8), None)[0]
+    if transport == "tcp":
+        s = so.create_connection(("127.0.0.1", server.port))
+    else:
+        s = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+        s.connect(server.socket_path)
+    s.settimeout(30)
+    with s:
+        s.sendall(_post("/v1/cluster", one) + _post("/v1/assign", one) + _post("/v1/cluster", bad)
+                  + _post("/v1/assign", one) + b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+                  + _post("/v1/assign", one))
+        answers = _responses(s, 6)
+    statuses = [a[0] for a in answers]
+    assert statuses == [200, 200, 400, 200, 200, 200], statuses
+    fast = [a[1]["server"] == "protoedge" for a in answers]
+    assert fast == [True, True, True, True, False, False], [a[1]["server"] for a in answers]
+    cluster, assign1, error, assign2, _, assign3 = (a[2] for a in answers)
+    assert json.loads(cluster)["assignments"][0]["cluster_id"] == json.loads(assign1)["assignments"][0]["cluster_id"]
+    assert isinstance(json.loads(cluster)["seq"], int)
+    assert "27" in json.loads(error)["error"] or "shape" in json.loads(error)["error"]
+    assert assign1 == assign2 == assign3  # the fast path and aiohttp answer alike
+    for _, headers, _ in answers[:4]:
+        assert headers["content-type"] == "application/json; charset=utf-8"
+    with server.client() as c:
+        m = c.metrics()
+    assert 'protoedge_requests_total{route="/v1/cluster",status="400"}' in m
