@@ -849,7 +849,7 @@ class StreamClusterer:
         Online decisions are made from one or two drawings per cluster, and a wrong early join
         leaves a cluster holding two classes for good: this is what undoes it. Costs
         O(memory x touched clusters x dim), whatever the number of clusters."""
-        self._pending = 0
+        pending, self._pending = self._pending, 0
         m, p = self._mem_len, self._mem_pos
         ring = np.arange(p - m, p) % self.memory  # ring positions, oldest first
         ids, inverse = np.unique(self._mem_id[ring], return_inverse=True)
@@ -866,18 +866,20 @@ class StreamClusterer:
         x = self._mem_x[ring]
         # each sample was learned with weight 1, decayed since; in stored units that is 1 / its scale
         weight = self.decay ** (self._step - 1 - self._mem_step[ring].astype(np.float64)) / self._cscale
-        self._split(x, slots, weight)
+        self._split(x, slots, weight, fresh=self._mem_step[ring] >= self._step - pending)
         self._reassign(x, slots, weight)
         self._mem_id[ring] = self._ids[slots]  # merges below leave aliases that resolve these
         self._merge_close(np.unique(slots))
         self._stats["refinements"] += 1
 
-    def _split(self, x: np.ndarray, slots: np.ndarray, weight: np.ndarray) -> None:
+    def _split(self, x: np.ndarray, slots: np.ndarray, weight: np.ndarray, fresh: np.ndarray) -> None:
         """Carve the smaller half out of each cluster whose remembered members 2-means splits into
         halves whose means lie more than SPLIT_DISTANCE thresholds apart (each half with at least
-        two members). Updates ``slots`` for the members that moved."""
-        ids, counts = np.unique(slots, return_counts=True)
-        big = counts >= SPLIT_MIN
+        two members). Only clusters with SPLIT_MIN remembered members, at least two of them
+        ``fresh`` (arrived since the last repair), are tested: the others were tested before with
+        (nearly) the same members. Updates ``slots`` for the members that moved."""
+        ids, inverse, counts = np.unique(slots, return_inverse=True, return_counts=True)
+        big = (counts >= SPLIT_MIN) & (np.bincount(inverse[fresh], minlength=len(ids)) >= 2)
         if not big.any():
             return
         tested = ids[big]
