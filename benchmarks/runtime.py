@@ -97,7 +97,11 @@ def bench_speed(bundle, images: np.ndarray, repeats: int) -> dict:
     # runtime_embed_only: the runtime's own encoder (single-threaded sessions without spinning, a
     # batch split over the threads) without clustering, to split the end-to-end gap into the
     # encoder and clustering
-    methods = {"runtime": lambda x: rt.cluster(x), "runtime_embed_only": lambda x: rt.embed(x),
+    # runtime_no_repair: the same with the clusterer's periodic repair off (refine_every=0), to show
+    # what the repair costs
+    plain = StreamClusterer.from_bundle(bundle, refine_every=0)
+    methods = {"runtime": lambda x: rt.cluster(x), "runtime_no_repair": lambda x: plain.partial_fit(rt.embed(x)),
+               "runtime_embed_only": lambda x: rt.embed(x),
                "bare_onnxruntime": lambda x: bare.run(None, {in_name: x})}
     if model is not None:
         import torch
@@ -152,9 +156,8 @@ def bench_assign_update(dim: int, distance: str, quick: bool) -> dict:
         n = 2000 if quick else 5000
         q = (protos[rng.integers(0, k, n)] + 0.05 * rng.normal(size=(n, dim))).astype(np.float32)
         row = {}
-        for name, refine in (("", 0), ("refine100_", 100)):
-            c = StreamClusterer(dim, threshold=1e-9, distance=distance, max_clusters=max(k, 1000),
-                                refine_every=refine)
+        for name, repair in (("", {"refine_every": 0}), ("repair_", {})):  # {}: the default repair
+            c = StreamClusterer(dim, threshold=1e-9, distance=distance, max_clusters=max(k, 1000), **repair)
             c.partial_fit(protos)  # k clusters, each opened by one sample
             assert c.n_clusters == k
             c.threshold, c.merge_threshold, c.max_spread = 0.5, 0.125, 0.25  # from here on samples join their cluster
@@ -162,7 +165,7 @@ def bench_assign_update(dim: int, distance: str, quick: bool) -> dict:
             c.partial_fit(q)
             row[name + "us_in_batch"] = 1e6 * (time.perf_counter() - t) / n
             row[name + "cpu_us_in_batch"] = 1e6 * (time.process_time() - cpu) / n
-            if not refine:
+            if not name:
                 single = []
                 for i in range(min(n, 2000)):
                     t = time.perf_counter()
@@ -322,7 +325,7 @@ def quality_omniglot(bundle, emb: np.ndarray, labels: np.ndarray, streams: int, 
     classes = np.unique(labels)
     tau = StreamClusterer.from_bundle(bundle).threshold
     radius = dbstream_radius or math.sqrt(tau)
-    methods = ["protoedge", "protoedge_resolved", "protoedge_no_merge_no_refine"] + (
+    methods = ["protoedge", "protoedge_resolved", "protoedge_no_merge_no_repair"] + (
         ["protoedge_selected_threshold"] if selected else []) + ["kmeans_true_k",
                "minibatch_kmeans_true_k"] + (["dbstream"] if with_dbstream else [])
     rows = {m: [] for m in methods}
@@ -337,7 +340,7 @@ def quality_omniglot(bundle, emb: np.ndarray, labels: np.ndarray, streams: int, 
         rows["protoedge"].append(dict(clustering_scores(y, raw), **_found(c), us_per_sample=1e6 * dt))
         rows["protoedge_resolved"].append(dict(clustering_scores(y, resolved), **_found(c)))
         raw2, _, c2, _ = _stream_ours(x, bundle, merge_threshold=0.0, refine_every=0)
-        rows["protoedge_no_merge_no_refine"].append(dict(clustering_scores(y, raw2), **_found(c2)))
+        rows["protoedge_no_merge_no_repair"].append(dict(clustering_scores(y, raw2), **_found(c2)))
         if selected:
             raw3, _, c3, _ = _stream_ours(x, bundle, threshold=selected)
             rows["protoedge_selected_threshold"].append(dict(clustering_scores(y, raw3), **_found(c3)))
@@ -543,7 +546,8 @@ def write_markdown(res: dict, path: Path) -> None:
         L.append(f"| {b['bar']} | {b['measured']} | {'yes' if b['met'] else '**no**'} |")
     sp = res["speed"]
     L += ["", "## Speed (CPU, ONNX Runtime %d threads; torch: %s)" % (sp["threads"], sp["torch"]), "",
-          "Runtime = pixels in, assignments out (validation, embedding, assign + update). "
+          "Runtime = pixels in, assignments out (validation, embedding, assign + update, and every "
+          "50 samples the clusterer's repair). `runtime_no_repair` = the same with the repair off. "
           "Bare = `InferenceSession.run` on the same ONNX file, default session options. "
           "`runtime_embed_only` = the runtime's encoder without clustering (single-threaded sessions, "
           "no spinning; a batch of >= %d images is split over the threads). Each round runs every method "
@@ -559,14 +563,15 @@ def write_markdown(res: dict, path: Path) -> None:
                      f"{s['per_sample_us_p99']:.0f} | {s['call_ms_p50']:.2f} | {s['ratio_vs_bare']:.2f}x |")
     L += ["", "## Assign + update cost (numpy brute force, d = %d)" % res["dim"], "",
           "partial_fit with k live clusters, samples that join their cluster; wall clock and process CPU "
-          "time per sample. The bar uses the wall clock without refinement (assign + update); the "
-          "default periodic refinement (every 100 samples) is shown separately.", "",
-          "| clusters | wall us/sample | CPU us/sample | single call p50 / p99 us | with refinement: wall / CPU us"
+          "time per sample. The bar uses the wall clock without the periodic repair (assign + update); "
+          "with the default repair (every %d samples, over the last %d) it is shown separately."
+          % (StreamClusterer(1, 1.0).refine_every, StreamClusterer(1, 1.0).memory), "",
+          "| clusters | wall us/sample | CPU us/sample | single call p50 / p99 us | with repair: wall / CPU us"
           " | predict only us |", "|---|---|---|---|---|---|"]
     for k, s in res["assign_update"].items():
         L.append(f"| {int(k):,} | {s['us_in_batch']:.1f} | {s['cpu_us_in_batch']:.1f} | "
                  f"{s['single_call_us_p50']:.0f} / {s['single_call_us_p99']:.0f} | "
-                 f"{s['refine100_us_in_batch']:.1f} / {s['refine100_cpu_us_in_batch']:.1f} | "
+                 f"{s['repair_us_in_batch']:.1f} / {s['repair_cpu_us_in_batch']:.1f} | "
                  f"{s['predict_only_us_in_batch']:.1f} |")
     st = res["startup"]
     L += ["", "## Start-up and memory (fresh interpreter, median of runs)", "",
