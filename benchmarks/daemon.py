@@ -387,44 +387,43 @@ def run_benchmark(bundle: str, out_dir: str = "benchmarks/results", seconds: flo
     threads = threads or default_inference_threads()  # the daemon's default, used in-process too
     load_before = os.getloadavg()
     policies = ("always", "interval") if fsync == "both" else (fsync,)
+    print("the runtime in-process", file=sys.stderr)
+    inproc_before = in_process(bundle, threads, n_latency, seconds)
     daemons = {p: measure_daemon(bundle, p, seconds, n_latency, threads) for p in policies}
     # Other settings, 16 clients only: inference threads, pipeline, GIL switch interval, event loop,
     # inline fast path, HTTP fast path, sync thread.
     variants = {}
     other_threads = 2 if threads != 2 else 1
-    print(f"[fsync {policies[0]}] 16 clients with {other_threads} inference threads", file=sys.stderr)
-    variants[f"{other_threads} inference threads"] = measure_daemon(
-        bundle, policies[0], seconds, n_latency, other_threads, clients=(16,), latency=False)
-    print(f"[fsync {policies[0]}] 16 clients, encoder on its own thread", file=sys.stderr)
-    variants["encoder thread + state thread (--pipeline)"] = measure_daemon(
-        bundle, policies[0], seconds, n_latency, threads, clients=(16,), latency=False, extra=("--pipeline",))
-    print(f"[fsync {policies[0]}] 16 clients, Python's default GIL switch interval", file=sys.stderr)
-    variants["GIL switch interval 5 ms (Python's default)"] = measure_daemon(
-        bundle, policies[0], seconds, n_latency, threads, clients=(16,), latency=False,
-        extra=("--switch-interval-ms", "5"))
-    print(f"[fsync {policies[0]}] 16 clients on asyncio's own event loop", file=sys.stderr)
-    variants["asyncio event loop (no uvloop)"] = measure_daemon(
-        bundle, policies[0], seconds, n_latency, threads, clients=(16,), latency=False,
-        extra=("--event-loop", "asyncio"))
-    print(f"[fsync {policies[0]}] every request through the worker thread (--no-inline-idle)", file=sys.stderr)
-    variants["no inline fast path (--no-inline-idle)"] = measure_daemon(
-        bundle, policies[0], seconds, n_latency, threads, clients=(16,), latency=True,
-        extra=("--no-inline-idle",))
-    print(f"[fsync {policies[0]}] every request through aiohttp (--no-fast-path)", file=sys.stderr)
-    variants["every request through aiohttp (--no-fast-path)"] = measure_daemon(
-        bundle, policies[0], seconds, n_latency, threads, clients=(16,), latency=False, extra=("--no-fast-path",))
+    settings = [(f"{other_threads} inference threads", other_threads, (), False),
+                ("encoder thread + state thread (--pipeline)", threads, ("--pipeline",), False),
+                ("GIL switch interval 5 ms (Python's default)", threads, ("--switch-interval-ms", "5"), False),
+                ("asyncio event loop (no uvloop)", threads, ("--event-loop", "asyncio"), False),
+                ("no inline fast path (--no-inline-idle)", threads, ("--no-inline-idle",), True),
+                ("every request through aiohttp (--no-fast-path)", threads, ("--no-fast-path",), False)]
     if policies[0] == "always":
-        print(f"[fsync {policies[0]}] fdatasync on the worker thread (--no-sync-thread)", file=sys.stderr)
-        variants["fdatasync on the worker thread (--no-sync-thread)"] = measure_daemon(
-            bundle, policies[0], seconds, n_latency, threads, clients=(16,), latency=False,
-            extra=("--no-sync-thread",))
-    print("the runtime in-process", file=sys.stderr)
-    inproc = in_process(bundle, threads, n_latency, seconds)
+        settings.append(("fdatasync on the worker thread (--no-sync-thread)", threads, ("--no-sync-thread",), False))
+    for name, n_threads, extra, latency in settings:
+        # The defaults again right before each setting: the machine is shared and its speed drifts
+        # over minutes, so each setting is compared with its own neighbour.
+        print(f"[fsync {policies[0]}] 16 clients, defaults (pair for: {name})", file=sys.stderr)
+        paired = measure_daemon(bundle, policies[0], seconds, n_latency, threads, clients=(16,), latency=False)
+        print(f"[fsync {policies[0]}] 16 clients, {name}", file=sys.stderr)
+        variants[name] = measure_daemon(bundle, policies[0], seconds, n_latency, n_threads, clients=(16,),
+                                        latency=latency, extra=extra)
+        variants[name]["paired_default_16"] = paired["throughput"]["16"]
+    print("the runtime in-process, again", file=sys.stderr)
+    inproc_after = in_process(bundle, threads, n_latency, seconds)
+    inproc = {**inproc_before, "after": inproc_after}
+    # Ratios against the mean of the two in-process runs (before and after the daemons).
+    inproc["single_images_per_s_mean"] = (inproc_before["single_images_per_s"]
+                                          + inproc_after["single_images_per_s"]) / 2
+    inproc["batch64_images_per_s_mean"] = (inproc_before["batched_images_per_s"][64]
+                                           + inproc_after["batched_images_per_s"][64]) / 2
     for d in daemons.values():
         t1, t16 = d["throughput"]["1"]["images_per_s"], d["throughput"]["16"]["images_per_s"]
-        d["ratios"] = {"1_client_vs_in_process_single": t1 / inproc["single_images_per_s"],
-                       "16_clients_vs_in_process_single": t16 / inproc["single_images_per_s"],
-                       "16_clients_vs_in_process_batch64": t16 / inproc["batched_images_per_s"][64]}
+        d["ratios"] = {"1_client_vs_in_process_single": t1 / inproc["single_images_per_s_mean"],
+                       "16_clients_vs_in_process_single": t16 / inproc["single_images_per_s_mean"],
+                       "16_clients_vs_in_process_batch64": t16 / inproc["batch64_images_per_s_mean"]}
         d["targets"] = {"p50_ms_le_3": d["latency_1_client"]["p50_ms"] <= 3.0,
                         "p99_ms_le_15": d["latency_1_client"]["p99_ms"] <= 15.0,
                         "16_clients_ge_3000_images_per_s": t16 >= 3000.0}
@@ -513,15 +512,19 @@ def render_markdown(r: dict) -> str:
             lines.append(row(p, k, t))
     lines.append("")
     if r.get("variants"):
-        lines += ["Other daemon settings, 16 clients (same policy as the first rows above):", "",
-                  "| setting | fsync | images/s | p50 ms | p99 ms | images per encoder call "
-                  "| server CPU ms/image (of it event loop) |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+        lines += ["Other daemon settings, 16 clients (same policy as the first rows above). Each setting "
+                  "follows a run of the defaults made just before it (the machine's speed drifts over "
+                  "minutes): compare a setting with its own pair.", "",
+                  "| setting | fsync | images/s | defaults just before | ratio | p50 ms | p99 ms "
+                  "| images per encoder call | server CPU ms/image (of it event loop) | defaults: CPU ms/image |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, v in r["variants"].items():
             t = v["throughput"]["16"]
-            lines.append(f"| {name} | {v['fsync']} | {t['images_per_s']:.0f} | {t['p50_ms']:.2f} | {t['p99_ms']:.2f} | "
-                         f"{t.get('images_per_call', float('nan')):.1f} | "
-                         f"{cpu_per_image(t)} |")
+            pd = v.get("paired_default_16")
+            pair = (f"{pd['images_per_s']:.0f} | {t['images_per_s'] / pd['images_per_s']:.2f}" if pd else " | ")
+            lines.append(f"| {name} | {v['fsync']} | {t['images_per_s']:.0f} | {pair} | {t['p50_ms']:.2f} | "
+                         f"{t['p99_ms']:.2f} | {t.get('images_per_call', float('nan')):.1f} | "
+                         f"{cpu_per_image(t)} | {cpu_per_image(pd) if pd else ''} |")
         lines.append("")
         for name, v in r["variants"].items():
             if "latency_1_client" in v:
@@ -535,12 +538,18 @@ def render_markdown(r: dict) -> str:
                      f"(whole run), {b['fsyncs']:.0f} fsyncs; resident memory {m['rss_idle_mb']:.0f} MB idle, "
                      f"{m['rss_after_mb']:.0f} MB after ({d['clusters_at_end']:.0f} clusters).")
     lines += ["", "## The same work in-process (`Runtime.cluster`, same backend and threads)", "",
-              "| mode | images/s | p50 ms | p99 ms |", "|---|---:|---:|---:|",
-              f"| one image per call | {ip['single_images_per_s']:.0f} | {ip['single_p50_ms']:.3f} | "
-              f"{ip['single_p99_ms']:.3f} |"]
-    for batch, rate in ip["batched_images_per_s"].items():
-        lines.append(f"| {batch} images per call | {rate:.0f} | | |")
-    lines += ["", "Ratios, daemon images/s over in-process images/s:", ""]
+              "Measured before the daemon runs and again after them.", "",
+              "| mode | images/s before | images/s after | p50 ms (before, after) | p99 ms (before, after) |",
+              "|---|---:|---:|---:|---:|"]
+    runs = [ip] + ([ip["after"]] if "after" in ip else [])
+    lines.append("| one image per call | " + " | ".join(f"{x['single_images_per_s']:.0f}" for x in runs)
+                 + (" | " if len(runs) == 1 else "") + " | "
+                 + ", ".join(f"{x['single_p50_ms']:.3f}" for x in runs) + " | "
+                 + ", ".join(f"{x['single_p99_ms']:.3f}" for x in runs) + " |")
+    for batch in ip["batched_images_per_s"]:
+        lines.append(f"| {batch} images per call | " + " | ".join(f"{x['batched_images_per_s'][batch]:.0f}" for x in runs)
+                     + (" | " if len(runs) == 1 else "") + " | | |")
+    lines += ["", "Ratios, daemon images/s over in-process images/s (mean of the two in-process runs):", ""]
     for p, d in daemons.items():
         ra = d["ratios"]
         lines.append(f"- fsync {p}: 1 client / one image per call **{ra['1_client_vs_in_process_single']:.2f}**, "
@@ -552,12 +561,25 @@ def render_markdown(r: dict) -> str:
         lines.append(f"- fsync {p}: one-client p50 {lat['p50_ms']:.2f} ms (<= 3: {ok(tg['p50_ms_le_3'])}), "
                      f"p99 {lat['p99_ms']:.2f} ms (<= 15: {ok(tg['p99_ms_le_15'])}); 16 clients {t16:.0f} images/s "
                      f"(>= 3,000: {ok(tg['16_clients_ge_3000_images_per_s'])})")
-    ceiling = max(ip["single_images_per_s"], *ip["batched_images_per_s"].values())
+    budget = 1e3 * s["cpus"] / 3000.0
+    for p, d in daemons.items():
+        t = d["throughput"]["16"]
+        n = max(t["images"], 1)
+        server, client = 1e3 * t["server_cpu_s"] / n, 1e3 * t["client_cpu_s"] / n
+        lines.append(f"- CPU budget, fsync {p}, 16 clients: the daemon used {server:.2f} ms of CPU per image "
+                     f"and the load generator {client:.2f}, {server + client:.2f} ms in all; 3,000 images/s on "
+                     f"{s['cpus']} cores leaves {budget:.2f} ms per image for both, with nothing else running "
+                     f"and every core busy all the time ({3000 * (server + client) / 1e3:.2f} cores at this "
+                     "cost).")
+    ceiling = max(x for run in runs for x in (run["single_images_per_s"], *run["batched_images_per_s"].values()))
     lines += ["", "On this machine the load generators share the daemon's two cores (and other jobs may be "
               "running: see the load average), so the throughput rows are lower bounds of what the daemon "
-              "does with the cores to itself. The in-process runtime, with no HTTP at all, reached "
-              f"{ceiling:.0f} images/s at the same time on the same cores: no daemon in front of it can "
-              "exceed that, whatever the batching.", ""]
+              "does with the cores to itself. The in-process runtime (one thread calling `Runtime.cluster`, "
+              f"no HTTP) reached at most {ceiling:.0f} images/s in this run. It is a reference, not a bound: "
+              "it runs encoder and clusterer in turn, while the daemon overlaps the encoder with HTTP, the "
+              "log and fdatasync on other threads, and it ran minutes apart from the daemon rows on a machine "
+              "whose load changes, so a ratio near or above 1 says that the daemon's path adds little, not "
+              "that HTTP is free.", ""]
     return "\n".join(lines)
 
 
