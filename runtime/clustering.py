@@ -648,7 +648,11 @@ class StreamClusterer:
                 if refine_every:
                     self._remember(x[i], j, step)
                 if k >= 0 and merge > 0 and math.sqrt(dk) - math.sqrt(dj) < root_merge:
-                    self._maybe_merge(j, k)
+                    # the exact prototype distance first (one dot product), the rules only if close
+                    q = self._search[k]
+                    pq = float(np.dot(p, q))
+                    if self._sqn[j] + self._sqn[k] - 2.0 * pq < merge:
+                        self._maybe_merge(j, k)
                 out.append(result)
             if refine_every and self._pending >= refine_every:
                 self._row = n_rows
