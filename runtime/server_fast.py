@@ -26,7 +26,6 @@ import socket
 import time
 from email.utils import formatdate
 
-from .errors import InputError
 from .server_batcher import Overloaded
 from .server_codec import decode_pixels
 from .server_state import Job
@@ -220,7 +219,7 @@ class FastHTTP(asyncio.Protocol):
             name = name.lower()
             value = value.strip()
             if name == b"content-length":
-                if length is not None or not value.isdigit():
+                if length is not None or not value.isdigit() or len(value) > 18:
                     return False
                 length = int(value)
             elif name == b"content-type":
@@ -252,9 +251,14 @@ class FastHTTP(asyncio.Protocol):
         try:
             pixels = decode_pixels(body, "application/x-npy", self.daemon.bundle.input_spec,
                                    self.daemon.config.max_images_per_request)
-        except InputError as e:
+        except Exception as e:  # noqa: BLE001 (InputError: 400; anything else: 500, logged)
+            from .server_routes import error_for
+
             self.daemon.worker.release(cost)
-            self._answer_error(400, str(e))
+            status, message, extra = error_for(e, self.daemon)
+            if status == 500:
+                log.error("unexpected error in POST %s", self.name, exc_info=e)
+            self._answer_error(status, message, extra)
             return
         self.busy = True
         self.daemon.worker.submit_nowait(Job(self.op, pixels), cost, self._done)
