@@ -272,6 +272,7 @@ class StreamClusterer:
         self._n = 0
         self._step = 0
         self._next_id = 0
+        # "refinements" counts repairs (the name predates them; saved states and metrics use it)
         self._stats = {"created": 0, "evicted": 0, "merged": 0, "split": 0, "dissolved": 0, "refinements": 0}
         # a ring of the last `memory` samples (row, cluster id, step), and how many arrived since
         # the last repair: what _repair works on
@@ -524,7 +525,7 @@ class StreamClusterer:
         if "window_x" in arrays and self.refine_every:
             wx = np.asarray(arrays["window_x"], np.float32)
             if wx.ndim != 2 or wx.shape[1] != self.dim:
-                raise StateError(f"saved refinement window has shape {list(wx.shape)}")
+                raise StateError(f"saved repair memory has shape {list(wx.shape)}")
             wi, wt = np.asarray(arrays["window_ids"], np.int64), np.asarray(arrays["window_steps"], np.int64)
             if wi.shape != (len(wx),) or wt.shape != (len(wx),):
                 raise StateError("saved memory ids/steps do not match its rows")
