@@ -1,19 +1,37 @@
-"""A lean HTTP/1.1 path for the daemon's hot route, in front of aiohttp.
+"""A lean HTTP/1.1 path for the daemon's hot routes, in front of aiohttp.
 
-Every connection starts on FastHTTP, a plain asyncio protocol. It serves only the requests that
-make up the daemon's load: `POST /v1/cluster` or `POST /v1/assign` with an application/x-npy body
-and a Content-Length, on a keep-alive HTTP/1.1 connection, with the right bearer token if one is
-configured. Anything else (another route or method, a chunked body, Expect, Connection: close,
-HTTP/1.0, a query string, a token mismatch, an unusual byte in the headers, the daemon not ready)
-hands the connection, with the bytes read so far, to aiohttp's own request handler, which then
-serves it for good: the rules and answers of every other case stay aiohttp's.
+Every connection starts on FastHTTP, a plain asyncio protocol whose HTTP parsing is httptools
+(MagicStack's binding of llhttp, the C parser of Node.js; uvicorn's parser too). It serves only
+the requests that make up the daemon's load: `POST /v1/cluster` or `POST /v1/assign` with an
+application/x-npy body and a Content-Length, on a keep-alive HTTP/1.1 connection, with the right
+bearer token if one is configured. Anything else (another route or method, a query string, a
+chunked body, Expect, Connection, Upgrade, Content-Encoding, HTTP/1.0, a token mismatch, a body
+over the limit, a header block over 8 KiB, the daemon not ready, anything llhttp refuses) hands
+the connection to aiohttp's own request handler, with the raw bytes of that request and of
+everything after it; aiohttp then serves the connection for good, so every other case keeps
+aiohttp's rules and answers. The decision is made at llhttp's on_headers_complete at the latest,
+before any of that request's body is buffered.
 
-Why: with one image per request, aiohttp's per-request Python work on the event loop (request and
-response objects, router, middleware, stream reader, writer) cost about as much CPU as the
-encoder, and it holds the GIL the worker thread needs. This path does the same work for these two
-routes in a few microseconds of Python: one header split, the same admission (admit, 503 when
-full), the same .npy decoding and checks (decode_pixels), the same worker (submit), the same
-metrics, the same JSON answers, and one transport.write per answer.
+Nothing here splits or interprets HTTP syntax: llhttp finds the method, target, version, header
+names and values, Content-Length and message boundaries; this module only compares the values it
+is given (header names case-insensitively) and serialises its own responses.
+
+Handing over needs the exact offset where the handed request begins, which httptools does not
+report. The protocol keeps the raw bytes received since the last known message boundary: after
+each feed_data() the boundary is known when the parser is between messages, or inside the
+Content-Length body of a request this path serves (the message then ends exactly `remaining`
+bytes later). Only when a handed request follows other requests in the kept bytes (pipelining)
+is its offset computed, by replaying those requests through a second httptools parser (their
+header blocks a byte at a time, their bodies at once: the count of on_headers_complete and
+on_message_complete calls then gives the position).
+
+Why this path exists: with one image per request, aiohttp's per-request Python work on the event
+loop (request and response objects, router, middleware, stream reader, writer) cost about as much
+CPU as the encoder, and it holds the GIL the worker thread needs. This path does the same work for
+these two routes in a few microseconds of Python: the same admission (admit, 503 when full), the
+same .npy decoding and checks (decode_pixels), the same worker (submit), the same metrics, the
+same JSON answers, and one transport.write per answer. Pipelined requests are answered in order,
+one at a time; each is admitted when it reaches the front.
 """
 from __future__ import annotations
 
@@ -21,10 +39,12 @@ import asyncio
 import hmac
 import json
 import logging
-import re
 import socket
 import time
+from collections import deque
 from email.utils import formatdate
+
+import httptools
 
 from .server_batcher import Overloaded
 from .server_codec import decode_pixels
@@ -33,12 +53,12 @@ from .server_state import Job
 log = logging.getLogger(__name__)
 
 FAST_ROUTES = {b"/v1/cluster": "cluster", b"/v1/assign": "assign"}
-_PREFIX = b"POST /v1/"  # what every request this path serves starts with
-MAX_HEAD = 8192
-HEAD_CACHE = 256  # header blocks remembered with their verdict (a client repeats the same few)
-# Anything but printable ASCII, tab and CRLF line ends in the header block sends the request to
-# aiohttp's parser (which decides what to make of it).
-_ODD = re.compile(rb"[^\t\r\n\x20-\x7e]|\r(?!\n)|(?<!\r)\n")
+MAX_HEAD = 8192          # a larger header block goes to aiohttp (whose limit is 8190 bytes a line)
+MAX_BACKLOG = 1 << 20    # bytes received while a request is served; more, and reading pauses
+_NPY = b"application/x-npy"
+# Headers that make a request aiohttp's: keep-alive is HTTP/1.1's default and any other choice
+# (Connection), chunked bodies, Expect: 100-continue, upgrades and encoded bodies are aiohttp's to handle.
+_HANDED_HEADERS = frozenset((b"transfer-encoding", b"expect", b"connection", b"upgrade", b"content-encoding"))
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 409: "Conflict", 500: "Internal Server Error",
             503: "Service Unavailable"}
 
@@ -69,6 +89,72 @@ def _response(status: int, body: bytes, extra: tuple = ()) -> bytes:
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
+def _route(url: bytes):
+    """The hot route an origin-form request target names exactly (no query, no fragment), or None."""
+    try:
+        u = httptools.parse_url(url)
+    except httptools.HttpParserInvalidURLError:
+        return None
+    if u.query is not None or u.fragment is not None or u.schema is not None or u.host is not None \
+            or u.port is not None or u.userinfo is not None:
+        return None
+    return FAST_ROUTES.get(u.path)
+
+
+class _HandOver(Exception):
+    """Raised in a parser callback: the request is aiohttp's (parsing stops there)."""
+
+
+class _Request:
+    """A request this path serves: its body, and its place in the worker's queue."""
+
+    __slots__ = ("op", "length", "parts", "received", "cost", "complete", "before_base")
+
+    def __init__(self, op: str, length: int):
+        self.op, self.length = op, length
+        self.parts: list = []      # body chunks as llhttp delivered them
+        self.received = 0
+        self.cost = None           # None: not admitted yet; -1: answered 503 (body skipped); else admitted bytes
+        self.complete = False
+        self.before_base = False   # began before FastHTTP.raw's first byte (its body ends `skip` bytes later)
+
+
+class _Boundaries:
+    """Counts llhttp's events: used to replay requests and find where they end."""
+
+    __slots__ = ("headers", "messages")
+
+    def __init__(self):
+        self.headers = self.messages = 0
+
+    def on_headers_complete(self) -> None:
+        self.headers += 1
+
+    def on_message_complete(self) -> None:
+        self.messages += 1
+
+
+def _end_of(raw: bytes, lengths: list) -> int:
+    """The offset in raw just after the len(lengths) requests it starts with, whose bodies have
+    these Content-Lengths: replayed through a fresh llhttp parser, each header block a byte at a
+    time (on_headers_complete fires on its last byte), then its body at once. Rare (a request for
+    aiohttp pipelined behind requests of this path) and bounded (raw is at most a few MB)."""
+    events = _Boundaries()
+    parser = httptools.HttpRequestParser(events)
+    pos = 0
+    for i, n in enumerate(lengths, 1):
+        while events.headers < i:
+            if pos >= len(raw):
+                raise ValueError("end of data inside a replayed request's header block")
+            parser.feed_data(raw[pos:pos + 1])
+            pos += 1
+        parser.feed_data(raw[pos:pos + n])
+        pos += n
+        if events.messages != i:
+            raise ValueError("a replayed request did not end where its Content-Length says")
+    return pos
+
+
 class FastConnections:
     """The daemon's fast-path connections: protocol factory, and their shutdown."""
 
@@ -76,7 +162,6 @@ class FastConnections:
         self.daemon = daemon
         self.aiohttp_server = aiohttp_server  # web.Server: a factory of aiohttp protocols
         self.conns: set = set()
-        self.heads: dict = {}  # header block -> (op, body length) or False (see FastHTTP._route)
         self.served = 0   # requests answered on the fast path
         self.handed = 0   # connections handed to aiohttp
 
@@ -95,20 +180,40 @@ class FastConnections:
 
 
 class FastHTTP(asyncio.Protocol):
-    __slots__ = ("owner", "daemon", "transport", "buf", "busy", "closing", "paused", "head", "body_len", "cost",
-                 "op", "name", "t0")
+    """One connection. Bytes go to llhttp (feed_data) unless a request is being served, in which
+    case they wait in backlog (pipelining). llhttp's callbacks only record: a request this path
+    serves joins `pending` at on_headers_complete; anything else raises _HandOver, which stops
+    parsing. Requests are then admitted, decoded and submitted in order, one at a time (_pump),
+    outside the parser's callbacks."""
+
+    __slots__ = ("owner", "daemon", "transport", "parser", "raw", "skip", "done", "fed", "chunk_end", "in_msg",
+                 "in_head", "head_from", "head_size", "url", "ctype", "auth", "clen", "odd", "cur", "pending",
+                 "backlog", "handing", "busy", "closing", "paused", "op", "name", "t0")
 
     def __init__(self, owner: FastConnections):
         self.owner, self.daemon = owner, owner.daemon
         self.transport = None
-        self.buf = bytearray()
-        self.busy = False       # a request is being served: later bytes wait in buf (pipelining)
+        self.parser = httptools.HttpRequestParser(self)
+        # The raw bytes since the last known message boundary ("base"), and what follows it.
+        self.raw = bytearray()
+        self.skip = 0           # body bytes still to come of a request that began before base
+        self.done: list = []    # Content-Lengths of the requests completed since base
+        self.fed = 0            # bytes fed to the parser before the current feed
+        self.chunk_end = 0      # ... and including it
+        # The message being parsed.
+        self.in_msg = self.in_head = False
+        self.head_from = self.head_size = 0
+        self.url = b""
+        self.ctype = self.auth = self.clen = None
+        self.odd = False        # a header that makes the request aiohttp's
+        self.cur = None         # its _Request, once on_headers_complete chose this path
+        self.pending: deque = deque()  # requests of this path not answered yet, in order
+        self.backlog = bytearray()     # bytes received while busy, not fed yet
+        self.handing = None     # bytes for aiohttp (from the start of its first request) once pending is answered
+        self.busy = False       # the worker has the front request
         self.closing = False
         self.paused = False
-        self.head = None        # parsed request waiting for its body: (head_len)
-        self.body_len = 0
-        self.cost = 0
-        self.op = self.name = None
+        self.op = self.name = None  # the front request's, for its answer and metrics
         self.t0 = 0.0
 
     # ------------------------------------------------------------------ asyncio protocol
@@ -125,125 +230,189 @@ class FastHTTP(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.owner.conns.discard(self)
-        if self.head is not None and self.cost >= 0:  # admitted, body never completed
-            self.daemon.worker.release(self.cost)
-            self.head = None
+        for r in self.pending:  # admitted, never submitted
+            if r.cost is not None and r.cost >= 0:
+                self.daemon.worker.release(r.cost)
+        self.pending.clear()
         self.closing = True
 
     def data_received(self, data: bytes) -> None:
-        self.buf += data
-        if not self.busy:
-            self._process()
-        elif len(self.buf) > (1 << 20) and not self.paused:  # a client pipelining a lot: slow it down
+        if self.closing:
+            return
+        if self.handing is not None:
+            self.handing += data
+            self._throttle(len(self.handing))
+        elif self.busy or self.backlog:
+            self.backlog += data
+            self._throttle(len(self.backlog))
+        else:
+            self._feed(data)
+            self._run()
+
+    def _throttle(self, waiting: int) -> None:
+        if waiting > MAX_BACKLOG and not self.paused:  # a client pipelining a lot: slow it down
             self.paused = True
             self.transport.pause_reading()
 
+    # ------------------------------------------------------------------ llhttp
+
+    def _feed(self, data: bytes) -> None:
+        skip = self.skip
+        if not skip:
+            self.raw += data
+        elif skip >= len(data):
+            self.skip = skip - len(data)
+        else:
+            self.skip = 0
+            self.raw += memoryview(data)[skip:]
+        self.chunk_end = self.fed + len(data)
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
+            # _HandOver, or bytes llhttp refuses (aiohttp then answers them: 400 and close).
+            cause = e.__context__
+            if cause is not None and not isinstance(cause, _HandOver):
+                log.error("unexpected error in the fast path's parser callbacks", exc_info=cause)
+            return self._decide_hand_over()
+        self.fed = self.chunk_end
+        if not self.in_msg:  # between messages: a boundary
+            self.raw.clear()
+            self.done.clear()
+        elif self.in_head:
+            if self.chunk_end - self.head_from > MAX_HEAD:  # a header block still growing after 8 KiB
+                self._decide_hand_over()
+        else:  # inside the Content-Length body of self.cur: it ends exactly `remaining` bytes later
+            r = self.cur
+            r.before_base = True
+            self.raw.clear()
+            self.done.clear()
+            self.skip = r.length - r.received
+
+    def on_message_begin(self) -> None:
+        self.in_msg = self.in_head = True
+        self.head_from, self.head_size = self.chunk_end, 0
+        self.url = b""
+        self.ctype = self.auth = self.clen = self.cur = None
+        self.odd = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url  # (in pieces when it spans reads)
+        self.head_size += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value) + 4
+        name = name.lower()
+        if name == b"content-length":  # (llhttp refuses duplicates and non-digits itself)
+            if self.clen is not None or not value.isdigit() or len(value) > 18:
+                self.odd = True
+            else:
+                self.clen = int(value)
+        elif name == b"content-type":
+            if self.ctype is not None:
+                self.odd = True
+            self.ctype = value
+        elif name == b"authorization":
+            if self.auth is not None:
+                self.odd = True
+            self.auth = value
+        elif name in _HANDED_HEADERS:
+            self.odd = True
+
+    def on_headers_complete(self) -> None:
+        """Decide: this path's request (waits in pending for its body) or aiohttp's (_HandOver)."""
+        self.in_head = False
+        d, p, length = self.daemon, self.parser, self.clen
+        if (self.odd or not d.ready or self.head_size > MAX_HEAD or self.ctype != _NPY or length is None
+                or length == 0 or length > d.config.max_body_bytes or p.get_method() != b"POST"
+                or p.get_http_version() != "1.1" or not p.should_keep_alive()):
+            raise _HandOver
+        op = _route(self.url)
+        if op is None:
+            raise _HandOver
+        token = d.token
+        if token is not None:  # as server_routes._token_ok; a mismatch is aiohttp's to answer (401)
+            auth = self.auth
+            if not (auth is not None and auth.startswith(b"Bearer ") and hmac.compare_digest(auth[7:].strip(), token)):
+                raise _HandOver
+        self.cur = r = _Request(op, length)
+        self.pending.append(r)
+
+    def on_body(self, body: bytes) -> None:
+        r = self.cur
+        r.received += len(body)
+        if r.cost != -1:  # (a request answered 503: its body is read and dropped)
+            r.parts.append(body)
+
+    def on_message_complete(self) -> None:
+        self.in_msg = False
+        r, self.cur = self.cur, None
+        if r is None:  # (only an upgrade request completes without being ours; it raises next)
+            return
+        r.complete = True
+        if not r.before_base:
+            self.done.append(r.length)
+
+    def _decide_hand_over(self) -> None:
+        """The request being parsed (or the bytes llhttp refused) and all after it go to aiohttp,
+        once the requests before it are answered."""
+        raw = bytes(self.raw)
+        start = 0
+        if self.done:  # it follows requests of this path in raw: find where they end
+            try:
+                start = _end_of(raw, self.done)
+            except Exception:  # noqa: BLE001 (cannot happen: llhttp parsed these bytes already)
+                log.exception("fast path: cannot find where a pipelined request begins; closing the connection")
+                self.closing = True
+                self.transport.close()
+                return
+        self.handing = bytearray(raw[start:])
+        self.parser, self.raw, self.done, self.cur = None, bytearray(), [], None
+
     # ------------------------------------------------------------------ requests
 
-    def _process(self) -> None:
-        """Serve the complete requests in buf, one at a time (answers stay in order)."""
-        while not self.busy and not self.closing:
-            buf = self.buf
-            if self.head is None:
-                end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
-                if end < 0:  # wait for the rest of the header block only if it may be ours
-                    n = min(len(buf), len(_PREFIX))
-                    if len(buf) > MAX_HEAD or buf[:n] != _PREFIX[:n]:
-                        return self._hand_over()
-                    return
-                if not self._parse_head(bytes(buf[:end]), end + 4):
-                    return self._hand_over()
-                if self.closing:  # answered 503 and closing
-                    return
-            head_len = self.head
-            if len(buf) < head_len + self.body_len:
+    def _run(self) -> None:
+        """Serve what is complete, feed what waited, hand over when it is aiohttp's turn."""
+        while not self.closing:
+            self._pump()
+            if self.busy or self.closing:
                 return
-            body = bytes(buf[head_len:head_len + self.body_len])
-            del buf[:head_len + self.body_len]
-            self.head = None
-            self._start(body)
-        if self.paused and not self.busy and not self.closing:
+            if self.handing is not None:
+                return self._hand_over()  # (pending is empty when not busy: see _pump)
+            if not self.backlog:
+                break
+            data, self.backlog = bytes(self.backlog), bytearray()
+            self._feed(data)
+        if self.paused and not self.closing:
             self.paused = False
             self.transport.resume_reading()
 
-    def _parse_head(self, head: bytes, head_len: int) -> bool:
-        """True: a request this path serves (admitted, waiting for its body). False: aiohttp's."""
-        d = self.daemon
-        if d.draining:  # whatever it is: the daemon is stopping (the answer closes the connection)
-            self.t0, self.name, self.head, self.body_len, self.cost = time.perf_counter(), "unmatched", head_len, 0, -1
-            self._answer_error(503, "the daemon is shutting down", (("Retry-After", "2"),))
-            return True
-        if not d.ready:
-            return False
-        heads = self.owner.heads
-        known = heads.get(head)
-        if known is None:
-            known = self._route(head)
-            if len(heads) >= HEAD_CACHE:
-                heads.clear()
-            heads[head] = known
-        if not known:
-            return False
-        op, length = known
-        self.t0 = time.perf_counter()
-        self.op, self.name = op, "/v1/" + op
-        try:
-            d.worker.admit(length)
-        except Overloaded:
-            d.metrics.rejected.inc()
-            self._answer_error(503, "the request queue is full; retry shortly", (("Retry-After", "1"),))
-            # The body still arrives: skip it by reading it as a request nobody serves.
-            self.head, self.body_len, self.cost = head_len, length, -1
-            return True
-        self.head, self.body_len, self.cost = head_len, length, length
-        return True
+    def _pump(self) -> None:
+        """Admit the front request (503 when the queue is full), and start it once its body is in."""
+        d, pending = self.daemon, self.pending
+        while pending and not self.busy and not self.closing:
+            r = pending[0]
+            if r.cost is None:
+                self.t0, self.op, self.name = time.perf_counter(), r.op, "/v1/" + r.op
+                if d.draining:  # (the answer closes the connection)
+                    return self._answer_error(503, "the daemon is shutting down", (("Retry-After", "2"),))
+                try:
+                    d.worker.admit(r.length)
+                except Overloaded:
+                    d.metrics.rejected.inc()
+                    r.cost, r.parts = -1, []
+                    pending.popleft()
+                    self._answer_error(503, "the request queue is full; retry shortly", (("Retry-After", "1"),))
+                    continue
+                r.cost = r.length
+            if not r.complete:
+                return
+            pending.popleft()
+            self._start(r)
 
-    def _route(self, head: bytes):
-        """(op, body length) if this path serves a request with this header block, else False.
-        Depends on the header bytes and the daemon's fixed settings only (cached per block)."""
-        d = self.daemon
-        if _ODD.search(head) is not None:
-            return False
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ")
-        if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
-            return False
-        op = FAST_ROUTES.get(parts[1])
-        if op is None:
-            return False
-        length = ctype = auth = None
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name[-1:] in (b" ", b"\t") or line[:1] in (b" ", b"\t"):
-                return False
-            name = name.lower()
-            value = value.strip()
-            if name == b"content-length":
-                if length is not None or not value.isdigit() or len(value) > 18:
-                    return False
-                length = int(value)
-            elif name == b"content-type":
-                if ctype is not None:
-                    return False
-                ctype = value
-            elif name == b"authorization":
-                if auth is not None:
-                    return False
-                auth = value
-            elif name in (b"transfer-encoding", b"expect", b"connection", b"upgrade", b"content-encoding"):
-                return False  # keep-alive is HTTP/1.1's default; any other choice is aiohttp's to make
-        if length is None or length == 0 or length > d.config.max_body_bytes or ctype != b"application/x-npy":
-            return False
-        token = d.token
-        if token is not None and not (auth is not None and auth.startswith(b"Bearer ")
-                                      and hmac.compare_digest(auth[7:].strip(), token)):
-            return False
-        return op, length
-
-    def _start(self, body: bytes) -> None:
-        cost = self.cost
-        if cost < 0:  # the body of a request refused with 503
-            return
+    def _start(self, r: _Request) -> None:
+        cost, parts = r.cost, r.parts
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        r.parts = []
         if self.daemon.draining:  # admitted before the stop, body complete after it
             self.daemon.worker.release(cost)
             self._answer_error(503, "the daemon is shutting down", (("Retry-After", "2"),))
@@ -261,7 +430,7 @@ class FastHTTP(asyncio.Protocol):
             self._answer_error(status, message, extra)
             return
         self.busy = True
-        self.daemon.worker.submit_nowait(Job(self.op, pixels), cost, self._done)
+        self.daemon.worker.submit_nowait(Job(r.op, pixels), cost, self._done)
 
     def _done(self, result) -> None:
         """The worker's answer (on the event loop): send it, then serve what was pipelined."""
@@ -280,11 +449,8 @@ class FastHTTP(asyncio.Protocol):
                 doc = {"assignments": [a.to_dict() for a in result]}
             self._send(200, json.dumps(doc).encode())
         self.busy = False
-        if self.buf and not self.closing:
-            self._process()
-        elif self.paused and not self.closing:
-            self.paused = False
-            self.transport.resume_reading()
+        if not self.closing:
+            self._run()
 
     def _answer_error(self, status: int, message: str, extra: tuple = ()) -> None:
         self._send(status, json.dumps({"error": message}).encode(), extra)
@@ -304,14 +470,18 @@ class FastHTTP(asyncio.Protocol):
             self.transport.close()
 
     def close_when_idle(self) -> None:
-        if not self.busy and self.head is None:
+        if not self.busy and not self.pending:
             self.closing = True
             self.transport.close()
 
     # ------------------------------------------------------------------ everything else: aiohttp
 
     def _hand_over(self) -> None:
-        """Give the connection and what it sent so far to aiohttp's request handler."""
+        """Give the connection and its bytes from the start of the handed request to aiohttp's
+        request handler (which serves the connection from then on)."""
+        if self.daemon.draining:  # no new aiohttp requests while stopping (its runner is closing)
+            self.t0, self.name = time.perf_counter(), "unmatched"
+            return self._answer_error(503, "the daemon is shutting down", (("Retry-After", "2"),))
         self.owner.conns.discard(self)
         self.owner.handed += 1
         self.closing = True  # this object is done
@@ -319,7 +489,7 @@ class FastHTTP(asyncio.Protocol):
         transport = self.transport
         transport.set_protocol(proto)
         proto.connection_made(transport)
-        data, self.buf = bytes(self.buf), bytearray()
+        data, self.handing, self.backlog = bytes(self.handing), None, bytearray()
         if self.paused:
             self.paused = False
             transport.resume_reading()
