@@ -213,6 +213,36 @@ RAW = [
     b"POST /v1/cluster HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Type: application/x-npy\r\n\r\n"
     + b"%x\r\n" % (MAX_BODY + 10) + b"a" * (MAX_BODY + 10) + b"\r\n0\r\n\r\n",
 ]
+# Aimed at the HTTP fast path (POST /v1/cluster|assign with .npy bodies, server_fast.py): requests
+# that look like its own but are not valid HTTP, or not its to serve. Each must get a 4xx.
+_NPY_HEAD = b"POST /v1/cluster HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy\r\n"
+RAW += [
+    _NPY_HEAD + b"Content-Length: 4\r\nContent-Length: 4\r\n\r\nabcd",             # duplicate Content-Length
+    _NPY_HEAD + b"Content-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+    _NPY_HEAD + b"Content-Length: 4, 4\r\n\r\nabcd",
+    _NPY_HEAD + b"Content-Length: 99999999999999999999999999\r\n\r\nabcd",       # oversized
+    _NPY_HEAD + b"Content-Length: %d\r\n\r\n" % (MAX_BODY + 1) + b"a" * (MAX_BODY + 1),  # over the limit
+    _NPY_HEAD + b"Content-Length: +4\r\n\r\nabcd",
+    _NPY_HEAD + b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",  # CL + TE
+    _NPY_HEAD + b"Transfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",                  # chunked garbage
+    _NPY_HEAD + b"Transfer-Encoding: gzip, chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",
+    _NPY_HEAD + b"Content-Length: 4\r\nX: a\rContent-Length: 9\r\n\r\nabcd",     # header injection: bare CR
+    _NPY_HEAD + b"Content-Length: 4\r\nX: a\nContent-Length: 9\r\n\r\nabcd",     # bare LF
+    _NPY_HEAD + b"Content-Length: 4\r\nX: a\x00b\r\n\r\nabcd",                   # NUL in a value
+    _NPY_HEAD + b"Content-Length: 4\r\n Content-Length: 9\r\n\r\nabcd",           # obs-fold
+    _NPY_HEAD + b"Content-Length : 4\r\n\r\nabcd",                                # space before the colon
+    _NPY_HEAD + b"Content-Length: 4\r\nX\x7fY: 1\r\n\r\nabcd",                    # DEL in a name
+    b"POST  /v1/cluster HTTP/1.1\r\nContent-Type: application/x-npy\r\nContent-Length: 4\r\n\r\nabcd",
+    b"POST /v1/cluster HTTP/1.1 x\r\nContent-Type: application/x-npy\r\nContent-Length: 4\r\n\r\nabcd",
+    b"POST /v1/cluster\r\nContent-Type: application/x-npy\r\nContent-Length: 4\r\n\r\nabcd",
+    b"POST /v1/cluster HTTP/1.1\nContent-Type: application/x-npy\nContent-Length: 4\n\nabcd",
+    b"post /v1/cluster HTTP/1.1\r\nContent-Type: application/x-npy\r\nContent-Length: 4\r\n\r\nabcd",
+    b"POST /v1/cluster HTTP/1.1\r\n\r\n",                                            # no length, no type
+    b"POST /v1/cl\x00uster HTTP/1.1\r\nContent-Type: application/x-npy\r\nContent-Length: 4\r\n\r\nabcd",
+    b"POST http://x/v1/cluster HTTP/1.1\r\nContent-Type: application/x-npy\r\nContent-Length: 4\r\n\r\nabcd",
+    b"POST /v1/%63luster HTTP/1.1\r\nContent-Type: application/x-npy\r\nContent-Length: 4\r\n\r\nabcd",
+    b"POST /v1/cluster HTTP/1.1\r\nContent-Type: application/x-npy\r\nContent-Length: 4\r\n\r\nabcd",  # bad .npy
+]
 
 
 def test_malformed_http_gets_4xx_or_a_closed_connection_and_no_crash(tmp_path):
@@ -225,7 +255,7 @@ def test_malformed_http_gets_4xx_or_a_closed_connection_and_no_crash(tmp_path):
             before = c._call("GET", "/v1/clusters")
         files_before = state_files(srv.state_dir)
         statuses = []
-        for i in range(300):
+        for i in range(300 + 2 * len(RAW)):
             payload = RAW[i % len(RAW)] if i < 2 * len(RAW) else rng.integers(0, 256, int(rng.integers(1, 300)),
                                                                                 dtype=np.uint8).tobytes() + b"\r\n\r\n"
             if i % 2:
@@ -246,6 +276,53 @@ def test_malformed_http_gets_4xx_or_a_closed_connection_and_no_crash(tmp_path):
                 statuses.append(status)
                 assert 400 <= status < 500, (payload[:80], head)
         assert statuses, "some malformed requests must get an HTTP error answer"
+        with srv.client() as c:
+            assert c.ready() and c._call("GET", "/v1/clusters") == before
+        assert state_files(srv.state_dir) == files_before and srv.proc.poll() is None
+
+
+def test_pipelined_garbage_after_a_valid_fast_path_request(tmp_path):
+    """A valid .npy request answered by the fast path, then garbage on the same connection (each
+    RAW case, a TLS hello, random bytes): the first answer is a 200, whatever follows is a 4xx or a
+    closed connection, never a 5xx; the state does not change (/v1/assign changes nothing)."""
+    import socket
+
+    rng = np.random.default_rng(12)
+    good = npy(images(1, seed=9))
+    valid = (b"POST /v1/assign HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy\r\n"
+             b"Content-Length: %d\r\n\r\n" % len(good) + good)
+    with Server(tmp_path, "--max-body-mb", str(MAX_BODY / 2**20)) as srv:
+        with srv.client() as c:
+            c.cluster(images(4, seed=3))
+            before = c._call("GET", "/v1/clusters")
+        files_before = state_files(srv.state_dir)
+        tails = RAW + [rng.integers(0, 256, int(rng.integers(1, 300)), dtype=np.uint8).tobytes() + b"\r\n\r\n"
+                       for _ in range(40)]
+        for i, tail in enumerate(tails):
+            if i % 2:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(srv.socket_path)
+            else:
+                s = socket.create_connection(("127.0.0.1", srv.port))
+            s.settimeout(10)
+            data = b""
+            try:
+                s.sendall(valid + tail)
+                while data.count(b"HTTP/") < 2:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+            except (ConnectionResetError, BrokenPipeError):
+                pass
+            finally:
+                s.close()
+            assert data.startswith(b"HTTP/1.1 200 "), (tail[:80], data[:200])
+            head, _, rest = data.partition(b"\r\n\r\n")
+            assert b"\r\nServer: protoedge\r\n" in head + b"\r\n"
+            length = int(next(h.split(b":", 1)[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")))
+            rest = rest[length:]  # what follows the first answer: nothing (closed), or a 4xx
+            assert not rest or (rest.startswith(b"HTTP/") and rest.split(b" ", 2)[1][:1] == b"4"), (tail[:80], rest[:300])
         with srv.client() as c:
             assert c.ready() and c._call("GET", "/v1/clusters") == before
         assert state_files(srv.state_dir) == files_before and srv.proc.poll() is None
