@@ -23,7 +23,9 @@ Content-Length body of a request this path serves (the message then ends exactly
 bytes later). Only when a handed request follows other requests in the kept bytes (pipelining)
 is its offset computed, by replaying those requests through a second httptools parser (their
 header blocks a byte at a time, their bodies at once: the count of on_headers_complete and
-on_message_complete calls then gives the position).
+on_message_complete calls then gives the position); the same replay moves the boundary forward
+when reads keep ending inside header blocks and the kept bytes pass 64 KiB. CR/LF bytes between requests, which llhttp
+(and aiohttp) skip, may be left out of what aiohttp gets.
 
 Why this path exists: with one image per request, aiohttp's per-request Python work on the event
 loop (request and response objects, router, middleware, stream reader, writer) cost about as much
@@ -55,6 +57,7 @@ log = logging.getLogger(__name__)
 FAST_ROUTES = {b"/v1/cluster": "cluster", b"/v1/assign": "assign"}
 MAX_HEAD = 8192          # a larger header block goes to aiohttp (whose limit is 8190 bytes a line)
 MAX_BACKLOG = 1 << 20    # bytes received while a request is served; more, and reading pauses
+MAX_RAW = 1 << 16        # kept raw bytes (see FastHTTP.raw) above which base moves forward
 _NPY = b"application/x-npy"
 # Headers that make a request aiohttp's: keep-alive is HTTP/1.1's default and any other choice
 # (Connection), chunked bodies, Expect: 100-continue, upgrades and encoded bodies are aiohttp's to handle.
@@ -281,6 +284,8 @@ class FastHTTP(asyncio.Protocol):
         elif self.in_head:
             if self.chunk_end - self.head_from > MAX_HEAD:  # a header block still growing after 8 KiB
                 self._decide_hand_over()
+            elif self.done and len(self.raw) > MAX_RAW:  # reads that keep ending in a header block
+                self._rebase()
         else:  # inside the Content-Length body of self.cur: it ends exactly `remaining` bytes later
             r = self.cur
             r.before_base = True
@@ -351,6 +356,19 @@ class FastHTTP(asyncio.Protocol):
         r.complete = True
         if not r.before_base:
             self.done.append(r.length)
+
+    def _rebase(self) -> None:
+        """Drop the kept bytes of the requests completed since base: base moves to the start of
+        the request being parsed (keeps raw bounded when no read ends between requests)."""
+        try:
+            start = _end_of(bytes(self.raw), self.done)
+        except Exception:  # noqa: BLE001 (cannot happen: llhttp parsed these bytes already)
+            log.exception("fast path: cannot find where a pipelined request begins; closing the connection")
+            self.closing = True
+            self.transport.close()
+            return
+        del self.raw[:start]
+        self.done.clear()
 
     def _decide_hand_over(self) -> None:
         """The request being parsed (or the bytes llhttp refused) and all after it go to aiohttp,
