@@ -93,7 +93,22 @@ def _response(status: int, body: bytes, extra: tuple = ()) -> bytes:
 
 
 def _route(url: bytes):
-    """The hot route an origin-form request target names exactly (no query, no fragment), or None."""
+    """The hot route an origin-form request target names exactly (no query, no fragment), or None
+    (remembered per target: clients repeat the same two)."""
+    try:
+        return _ROUTE_SEEN[url]
+    except KeyError:
+        pass
+    if len(_ROUTE_SEEN) >= 256:
+        _ROUTE_SEEN.clear()
+    _ROUTE_SEEN[url] = op = _parse_route(url)
+    return op
+
+
+_ROUTE_SEEN: dict = {}
+
+
+def _parse_route(url: bytes):
     try:
         u = httptools.parse_url(url)
     except httptools.HttpParserInvalidURLError:
@@ -467,8 +482,13 @@ class FastHTTP(asyncio.Protocol):
                 doc = {"assignments": [a.to_dict() for a in result]}
             self._send(200, json.dumps(doc).encode())
         self.busy = False
-        if not self.closing:
+        if self.closing:
+            return
+        if self.pending or self.backlog or self.handing is not None:
             self._run()
+        elif self.paused:
+            self.paused = False
+            self.transport.resume_reading()
 
     def _answer_error(self, status: int, message: str, extra: tuple = ()) -> None:
         self._send(status, json.dumps({"error": message}).encode(), extra)
