@@ -246,8 +246,6 @@ RAW += [
 
 
 def test_malformed_http_gets_4xx_or_a_closed_connection_and_no_crash(tmp_path):
-    import socket
-
     rng = np.random.default_rng(11)
     with Server(tmp_path, "--max-body-mb", str(MAX_BODY / 2**20)) as srv:
         with srv.client() as c:
@@ -258,12 +256,7 @@ def test_malformed_http_gets_4xx_or_a_closed_connection_and_no_crash(tmp_path):
         for i in range(300 + 2 * len(RAW)):
             payload = RAW[i % len(RAW)] if i < 2 * len(RAW) else rng.integers(0, 256, int(rng.integers(1, 300)),
                                                                                 dtype=np.uint8).tobytes() + b"\r\n\r\n"
-            if i % 2:
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.connect(srv.socket_path)
-            else:
-                s = socket.create_connection(("127.0.0.1", srv.port))
-            s.settimeout(10)
+            s = _raw_connection(srv, unix=bool(i % 2))
             try:
                 s.sendall(payload)
                 head = s.recv(64)
@@ -281,12 +274,23 @@ def test_malformed_http_gets_4xx_or_a_closed_connection_and_no_crash(tmp_path):
         assert state_files(srv.state_dir) == files_before and srv.proc.poll() is None
 
 
+def _raw_connection(srv, unix: bool):
+    """A plain socket to the server: its Unix socket or its TCP port."""
+    import socket
+
+    if unix:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(srv.socket_path)
+    else:
+        s = socket.create_connection(("127.0.0.1", srv.port))
+    s.settimeout(10)
+    return s
+
+
 def test_pipelined_garbage_after_a_valid_fast_path_request(tmp_path):
     """A valid .npy request answered by the fast path, then garbage on the same connection (each
     RAW case, a TLS hello, random bytes): the first answer is a 200, whatever follows is a 4xx or a
     closed connection, never a 5xx; the state does not change (/v1/assign changes nothing)."""
-    import socket
-
     rng = np.random.default_rng(12)
     good = npy(images(1, seed=9))
     valid = (b"POST /v1/assign HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy\r\n"
@@ -299,12 +303,7 @@ def test_pipelined_garbage_after_a_valid_fast_path_request(tmp_path):
         tails = RAW + [rng.integers(0, 256, int(rng.integers(1, 300)), dtype=np.uint8).tobytes() + b"\r\n\r\n"
                        for _ in range(40)]
         for i, tail in enumerate(tails):
-            if i % 2:
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.connect(srv.socket_path)
-            else:
-                s = socket.create_connection(("127.0.0.1", srv.port))
-            s.settimeout(10)
+            s = _raw_connection(srv, unix=bool(i % 2))
             data = b""
             try:
                 s.sendall(valid + tail)
