@@ -715,11 +715,14 @@ class StreamClusterer:
             self._mem_len = min(self._mem_len + 1, self.memory)
             self._pending += 1
 
+    def _ring(self) -> np.ndarray:
+        """Positions of the remembered samples in the ring, oldest first."""
+        return np.arange(self._mem_pos - self._mem_len, self._mem_pos) % self.memory
+
     def _memory(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The remembered samples, oldest first: (rows, cluster ids, steps)."""
-        m, p = self._mem_len, self._mem_pos
-        order = np.arange(p - m, p) % self.memory
-        return self._mem_x[order], self._mem_id[order], self._mem_step[order]
+        ring = self._ring()
+        return self._mem_x[ring], self._mem_id[ring], self._mem_step[ring]
 
     def _refresh(self, s: int) -> None:
         """Recompute what is searched for slot s after its sum or count changed."""
@@ -855,8 +858,7 @@ class StreamClusterer:
         leaves a cluster holding two classes for good: this is what undoes it. Costs
         O(memory x touched clusters x dim), whatever the number of clusters."""
         pending, self._pending = self._pending, 0
-        m, p = self._mem_len, self._mem_pos
-        ring = np.arange(p - m, p) % self.memory  # ring positions, oldest first
+        ring = self._ring()
         ids, inverse = np.unique(self._mem_id[ring], return_inverse=True)
         slots = np.array([self._slot.get(self.resolve(int(i)), -1) for i in ids], np.int64)[inverse]
         if (slots < 0).any():  # samples of evicted or removed clusters are forgotten
@@ -866,7 +868,7 @@ class StreamClusterer:
             self._mem_x[:m], self._mem_step[:m] = self._mem_x[ring], self._mem_step[ring]
             ring = np.arange(m)
             self._mem_len, self._mem_pos = m, m % self.memory
-        if m < 2:
+        if len(ring) < 2:
             return
         x = self._mem_x[ring]
         # each sample was learned with weight 1, decayed since; in stored units that is 1 / its scale
@@ -925,7 +927,7 @@ class StreamClusterer:
                  and self._counts[t] * self._cscale <= 1e-6]
         heirs = {}
         for t in empty:
-            went = best[moved][slots_before[moved] == t] if len(moved) else best[:0]
+            went = best[slots_before == t]  # all moved: t kept none of them
             if len(went):
                 heirs[int(self._ids[t])] = int(self._ids[int(np.bincount(went).argmax())])
         for t in sorted(empty, reverse=True):  # descending: a swap never moves a slot still to go
@@ -943,9 +945,9 @@ class StreamClusterer:
         prototypes closer than MERGE_CAP thresholds. The cost grows with the counts, so this joins
         the fragments a class left behind early, never two grown clusters; the cap (below
         SPLIT_DISTANCE) keeps it from undoing a split."""
-        tau = self.threshold
         if self.merge_threshold <= 0:  # merging is off
             return
+        tau = self.threshold
         ids = [int(self._ids[s]) for s in touched if s < self._n
                and (self._seen[s] >= self.min_size or self._labels[s] is not None)]
         while len(ids) >= 2:
@@ -974,12 +976,9 @@ class StreamClusterer:
         np.add.at(self._counts, dst, weight)
         np.subtract.at(self._seen, src, 1)
         np.add.at(self._seen, dst, 1)
-        changed = np.unique(np.concatenate([src, dst]))
-        before = self._search[changed].copy()
-        self._refresh_rows(changed)
+        old = self._search[src]  # a copy (fancy indexing), taken before the prototypes move
+        self._refresh_rows(np.unique(np.concatenate([src, dst])))
         # widths: a sample's distance to its old prototype leaves with it, to its new one arrives
-        pos = {int(s): i for i, s in enumerate(changed)}
-        old = before[[pos[int(s)] for s in src]]
         new = self._search[dst]
         np.subtract.at(self._spread, src, weight * ((x - old) ** 2).sum(1))
         np.add.at(self._spread, dst, weight * ((x - new) ** 2).sum(1))
@@ -1046,7 +1045,7 @@ def _two_means_each(x: np.ndarray, groups: list[np.ndarray], iters: int = 8) -> 
         b = sb / np.maximum(nb, 1)
     nb = np.add.reduceat(mask.astype(np.int64), starts)
     gap = np.where((nb > 0) & (nb < sizes), ((a - b) ** 2).sum(1), 0.0)
-    return [mask[a:a + m] for a, m in zip(starts.tolist(), sizes.tolist())], gap
+    return [mask[s:s + k] for s, k in zip(starts.tolist(), sizes.tolist())], gap
 
 
 def _check_labels(labels, n: int) -> list[str]:
