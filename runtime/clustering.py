@@ -281,6 +281,7 @@ class StreamClusterer:
         self._mem_step = np.zeros(self.memory, np.int64)
         self._mem_len = self._mem_pos = 0
         self._pending = 0
+        self._kept = self._batch_step = 0  # see _fit_batch
 
     @property
     def n_clusters(self) -> int:
@@ -383,6 +384,8 @@ class StreamClusterer:
     def resolve(self, cluster_id: int) -> int:
         """The live cluster an id now belongs to (ids of merged clusters point at the survivor);
         the id itself if it was never merged (it may have been evicted or removed)."""
+        if cluster_id not in self._aliases:  # the common case, without the loop guard
+            return cluster_id
         seen = set()
         while cluster_id in self._aliases and cluster_id not in seen:
             seen.add(cluster_id)
@@ -590,11 +593,15 @@ class StreamClusterer:
         scales_list = scales.tolist()
         scores = self._scores
         inf = math.inf
+        # Rows are remembered (for the repair) in bulk: rows _kept..i-1 of this batch are not in
+        # the ring yet; their Assignments hold their cluster ids, and row r was learned at step
+        # _batch_step + r.
+        self._kept, self._batch_step = 0, self._step
         try:
             for i in range(n_rows):
-                if refine_every and self._pending >= refine_every:
+                if refine_every and self._pending + i - self._kept >= refine_every:
                     self._row = i
-                    scores = self._repair_in_batch(n_rows)
+                    scores = self._repair_in_batch(n_rows, out)
                 self._row = i + 1
                 step = self._step
                 self._step = step + 1
@@ -602,7 +609,6 @@ class StreamClusterer:
                 n = self._n
                 if n == 0:
                     slot = self._open(x[i], 1.0)
-                    self._remember(x[i], slot, step)
                     out.append(Assignment(int(self._ids[slot]), inf, 1.0, True, None))
                     continue
                 row = scores[i, :n]
@@ -622,7 +628,6 @@ class StreamClusterer:
                 if dj > tau:
                     conf = self._confidence(dj, dk, True)
                     slot = self._open(x[i], 1.0)
-                    self._remember(x[i], slot, step)
                     out.append(Assignment(int(self._ids[slot]), dj, conf, True, None))
                     continue
                 conf = 1.0 / (1.0 + (math.exp(t * (dj - dk)) if k >= 0 else 0.0) + math.exp(t * (dj - tau)))
@@ -646,8 +651,6 @@ class StreamClusterer:
                     if not cosine:
                         col -= 0.5 * self._sqn[j]
                     scores[r:, j] = col
-                if refine_every:
-                    self._remember(x[i], j, step)
                 if k >= 0 and merge > 0 and math.sqrt(dk) - math.sqrt(dj) < root_merge:
                     # the exact prototype distance first (one dot product), the rules only if close
                     q = self._search[k]
@@ -655,17 +658,36 @@ class StreamClusterer:
                     if self._sqn[j] + self._sqn[k] - 2.0 * pq < merge:
                         self._maybe_merge(j, k)
                 out.append(result)
-            if refine_every and self._pending >= refine_every:
+            if refine_every and self._pending + n_rows - self._kept >= refine_every:
                 self._row = n_rows
-                self._repair_in_batch(n_rows)
+                self._repair_in_batch(n_rows, out)
         finally:
+            self._remember_rows(out)
             self._scores = self._xb = None
             self._row = 0
         return out
 
-    def _repair_in_batch(self, n_rows: int) -> np.ndarray:
+    def _remember_rows(self, out: list[Assignment]) -> None:
+        """Write the batch's rows learned since the last call (one per Assignment in ``out``
+        after row _kept) into the ring memory, in one go rather than one row at a time."""
+        a, b = self._kept, len(out)
+        self._kept = b
+        if not self.refine_every or b <= a:
+            return
+        self._pending += b - a
+        mem = self.memory
+        a = max(a, b - mem)  # only the newest `memory` rows stay
+        pos = (self._mem_pos + np.arange(b - a)) % mem
+        self._mem_x[pos] = self._xb[a:b]
+        self._mem_id[pos] = [r.cluster_id for r in out[a:b]]
+        self._mem_step[pos] = np.arange(self._batch_step + a, self._batch_step + b)
+        self._mem_pos = (self._mem_pos + b - a) % mem
+        self._mem_len = min(self._mem_len + b - a, mem)
+
+    def _repair_in_batch(self, n_rows: int, out: list[Assignment]) -> np.ndarray:
         """_repair between two rows of a batch: clusters were split, merged and moved, so the
         rows still to come are scored afresh (with room for the clusters they may open)."""
+        self._remember_rows(out)
         scores, self._scores = self._scores, None  # rescored below: nothing to patch meanwhile
         try:
             self._repair()
@@ -704,16 +726,6 @@ class StreamClusterer:
         n = self._n
         d = (x * x).sum(1)[:, None] - 2.0 * (x @ self._search[:n].T) + self._sqn[:n][None]
         return np.maximum(d, 0.0)
-
-    def _remember(self, x: np.ndarray, slot: int, step: int) -> None:
-        if self.refine_every:
-            p = self._mem_pos
-            self._mem_x[p] = x
-            self._mem_id[p] = self._ids[slot]
-            self._mem_step[p] = step
-            self._mem_pos = (p + 1) % self.memory
-            self._mem_len = min(self._mem_len + 1, self.memory)
-            self._pending += 1
 
     def _ring(self) -> np.ndarray:
         """Positions of the remembered samples in the ring, oldest first."""
@@ -860,7 +872,8 @@ class StreamClusterer:
         pending, self._pending = self._pending, 0
         ring = self._ring()
         ids, inverse = np.unique(self._mem_id[ring], return_inverse=True)
-        slots = np.array([self._slot.get(self.resolve(int(i)), -1) for i in ids], np.int64)[inverse]
+        slot, resolve = self._slot.get, self.resolve
+        slots = np.array([slot(resolve(i), -1) for i in ids.tolist()], np.int64)[inverse]
         if (slots < 0).any():  # samples of evicted or removed clusters are forgotten
             keep = slots >= 0
             ring, slots = ring[keep], slots[keep]
@@ -885,17 +898,19 @@ class StreamClusterer:
         two members). Only clusters with SPLIT_MIN remembered members, at least two of them
         ``fresh`` (arrived since the last repair), are tested: the others were tested before with
         (nearly) the same members. Updates ``slots`` for the members that moved."""
-        ids, inverse, counts = np.unique(slots, return_inverse=True, return_counts=True)
-        big = (counts >= SPLIT_MIN) & (np.bincount(inverse[fresh], minlength=len(ids)) >= 2)
+        counts = np.bincount(slots, minlength=self._n)
+        big = (counts >= SPLIT_MIN) & (np.bincount(slots[fresh], minlength=self._n) >= 2)
         if not big.any():
             return
-        tested = ids[big]
+        tested = np.flatnonzero(big)
         order, ends = np.argsort(slots, kind="stable"), np.cumsum(counts)
-        members = [order[e - c:e] for e, c in zip(ends[big].tolist(), counts[big].tolist())]
+        members = [order[e - c:e] for e, c in zip(ends[tested].tolist(), counts[tested].tolist())]
         far, gap = _two_means_each(x, members)
-        for s, rows, f, g in zip(tested.tolist(), members, far, gap):
+        for s, rows, f, g in zip(tested.tolist(), members, far, (gap > SPLIT_DISTANCE * self.threshold).tolist()):
+            if not g:
+                continue
             small = rows[f] if 2 * f.sum() <= len(f) else rows[~f]
-            if len(small) < 2 or g <= SPLIT_DISTANCE * self.threshold:
+            if len(small) < 2:
                 continue
             if self._n >= self.max_clusters:
                 return  # opening a cluster now would evict one the memory may still point at
@@ -923,8 +938,8 @@ class StreamClusterer:
             slots[moved] = best[moved]
         # a cluster all of whose mass moved away is dissolved; its id then resolves to the cluster
         # that took most of its remembered samples
-        empty = [int(t) for t in touched if self._labels[t] is None
-                 and self._counts[t] * self._cscale <= 1e-6]
+        drained = touched[self._counts[touched] * self._cscale <= 1e-6].tolist()
+        empty = [t for t in drained if self._labels[t] is None]
         heirs = {}
         for t in empty:
             went = best[slots_before == t]  # all moved: t kept none of them
@@ -948,8 +963,9 @@ class StreamClusterer:
         if self.merge_threshold <= 0:  # merging is off
             return
         tau = self.threshold
-        ids = [int(self._ids[s]) for s in touched if s < self._n
-               and (self._seen[s] >= self.min_size or self._labels[s] is not None)]
+        touched = touched[touched < self._n]
+        grown = (self._seen[touched] >= self.min_size).tolist()
+        ids = [int(self._ids[s]) for s, g in zip(touched.tolist(), grown) if g or self._labels[s] is not None]
         while len(ids) >= 2:
             slots = np.array([self._slot[i] for i in ids])
             p, sq, c = self._search[slots], self._sqn[slots], self._counts[slots] * self._cscale
@@ -1025,10 +1041,10 @@ def _two_means_each(x: np.ndarray, groups: list[np.ndarray], iters: int = 8) -> 
     n = sizes.astype(x.dtype)[:, None]
     total = np.add.reduceat(X, starts)
 
-    def farthest(c):  # per group, the member farthest from c[group]
+    def farthest(c):  # per group, the (first) member farthest from c[group]
         d = ((X - c[group]) ** 2).sum(1)
-        order = np.lexsort((-d, group))  # by group, farthest first
-        return X[order[starts]]
+        hits = np.flatnonzero(d == np.maximum.reduceat(d, starts)[group])
+        return X[hits[np.searchsorted(hits, starts)]]
 
     a = farthest(total / n)
     b = farthest(a)
