@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -327,6 +328,20 @@ class StreamClusterer:
             for start in range(0, len(x), rows):
                 out += self._fit_batch(x[start:start + rows])
             return out
+
+    @contextmanager
+    def atomic(self):
+        """Calls inside the block act as one: no other thread's call comes between them, and if
+        the block raises, the state is put back as it was before the block (e.g. a batch
+        clustered piece by piece whose last piece fails). Costs a copy of the state."""
+        with self._lock:
+            saved = {k: v.copy() if isinstance(v, (np.ndarray, list, dict)) else v
+                     for k, v in vars(self).items() if k != "_lock"}
+            try:
+                yield self
+            except BaseException:
+                vars(self).update(saved)
+                raise
 
     def predict(self, X) -> list[Assignment]:
         """Nearest cluster for each embedding; the state is not changed."""

@@ -152,3 +152,26 @@ def test_an_error_in_a_pool_thread_reaches_the_caller(bundle, images):
                 enc.embed(images[:256])
         enc._run = run
         np.testing.assert_allclose(enc.embed(images[:64]), one_session(enc, images[:64]), atol=1e-5)
+
+
+
+def test_embed_each_hands_over_the_pieces_in_order(bundle, images):
+    with OrtEncoder(bundle, "cpu", threads=2) as enc:
+        got = []
+        out = enc.embed_each(images[:64], got.append)
+        assert len(got) > 1
+        np.testing.assert_array_equal(np.concatenate(got), out)
+        np.testing.assert_allclose(out, one_session(enc, images[:64]), atol=1e-5)
+        got = []
+        enc.embed_each(images[:SPLIT_MIN - 1], got.append)  # not split: one piece
+        assert len(got) == 1 and len(got[0]) == SPLIT_MIN - 1
+
+        def fails(e):
+            got.append(len(e))
+            raise ValueError("each failed")
+
+        got = []
+        with pytest.raises(ValueError, match="each failed"):
+            enc.embed_each(images[:256], fails)
+        assert len(got) == 1  # nothing after the failed piece
+        np.testing.assert_allclose(enc.embed(images[:64]), one_session(enc, images[:64]), atol=1e-5)

@@ -499,3 +499,36 @@ def test_blas_runs_on_one_thread_inside_the_clusterer_and_is_restored_after(monk
         StreamClusterer(D, threshold=0.5).partial_fit(x)
         assert blas_threads() == before
     assert seen and all(t == [1] * len(before) for t in seen)
+
+
+@pytest.mark.parametrize("memory", [256, 10])
+def test_a_batch_remembers_the_same_rows_as_one_sample_at_a_time(memory):
+    """partial_fit writes a batch's rows into the repair memory in bulk (before each repair and at
+    the end); the memory must be what sample-by-sample learning leaves, also when it is smaller
+    than a batch."""
+    x, _, _ = blobs(n_classes=6, per_class=30, noise=0.15, seed=3)
+    params = dict(threshold=0.5, refine_every=23, memory=memory, max_spread=4.0)
+    batched, single = StreamClusterer(D, **params), StreamClusterer(D, **params)
+    batched.partial_fit(x[:100])
+    batched.partial_fit(x[100:])
+    for row in x:
+        single.partial_fit(row)
+    for got, want in zip(batched._memory(), single._memory()):
+        np.testing.assert_array_equal(got, want)
+    assert batched._pending == single._pending and batched.stats == single.stats
+
+
+def test_atomic_undoes_every_call_in_a_block_that_raises():
+    x, _, _ = blobs(n_classes=4, per_class=40, noise=0.15, seed=5)
+    c = StreamClusterer(D, threshold=0.5, refine_every=16)
+    c.partial_fit(x[:50])
+    before, memory, stats = snapshot(c), c._memory(), c.stats
+    with pytest.raises(InputError):
+        with c.atomic():
+            c.partial_fit(x[50:120])  # learns (repairs included) ...
+            c.partial_fit(np.full((2, D), np.nan))  # ... then a piece is refused
+    assert same_state(snapshot(c), before) and c.stats == stats
+    assert all(np.array_equal(a, b) for a, b in zip(c._memory(), memory))
+    with c.atomic():  # a block that succeeds keeps what it learned
+        c.partial_fit(x[50:120])
+    assert c.n_seen == 120
