@@ -140,13 +140,18 @@ class OrtEncoder:
         """embed() without the checks, for callers that validated already."""
         return self.embed_each(x)
 
+    def splits(self, n: int) -> bool:
+        """Whether a batch of n images is cut into pieces that the pool embeds meanwhile (see
+        embed_each)."""
+        return self._pool is not None and n >= self.split_min
+
     def embed_each(self, x: np.ndarray, each=None) -> np.ndarray:
-        """embed_valid(), calling ``each(embeddings)`` on the calling thread for every piece of the
-        batch in order (one call for the whole batch when it is not split). Whenever the next piece
-        is ready the caller hands it to ``each`` before it embeds another one itself, so the work
-        of ``each`` overlaps the pool's embedding of the later pieces. An error in a piece (or in
-        ``each``) is raised once the pool has stopped; ``each`` never sees a piece after a failed
-        one."""
+        """embed_valid(), calling ``each(embeddings)`` on the calling thread for consecutive pieces
+        of the batch, in order (once for the whole batch when it is not split). Whenever the next
+        piece is ready the caller hands it to ``each`` (with the ready ones after it, in one call)
+        before it embeds another piece itself, so the work of ``each`` overlaps the pool's embedding
+        of the later pieces. An error in a piece (or in ``each``) is raised once the pool has
+        stopped; ``each`` never sees a piece after a failed one."""
         n = len(x)
         pool = self._pool if n >= self.split_min else None
         if self.fixed_batch:  # pad the tail to the fixed batch, drop the padding after
@@ -187,17 +192,23 @@ class OrtEncoder:
 
         helpers = [pool.submit(work, s) for s in self.sessions[1:len(starts)]] if pool is not None else []
         try:
-            for i in range(len(starts)):
+            i = 0
+            while i < len(starts):
                 while not done[i].is_set():  # embed pieces not yet started until piece i is ready
                     j = next(todo, None)
                     if j is None:
                         done[i].wait()  # a helper is on it
                         break
                     embed(self.session, j)
-                if isinstance(out[i], BaseException):
-                    raise out[i]
+                j = i + 1  # with the pieces ready after it: fewer, larger calls of `each`
+                while j < len(starts) and done[j].is_set():
+                    j += 1
+                for y in out[i:j]:
+                    if isinstance(y, BaseException):
+                        raise y
                 if each is not None:
-                    each(out[i])
+                    each(out[i] if j == i + 1 else np.concatenate(out[i:j]))
+                i = j
         finally:
             for _ in todo:  # after an error: no helper starts another piece
                 pass

@@ -904,7 +904,7 @@ class StreamClusterer:
         self._split(x, slots, weight, fresh=self._mem_step[ring] >= self._step - pending)
         self._reassign(x, slots, weight)
         self._mem_id[ring] = self._ids[slots]  # merges below leave aliases that resolve these
-        self._merge_close(np.unique(slots))
+        self._merge_close(_distinct(slots, self._n))
         self._stats["refinements"] += 1
 
     def _split(self, x: np.ndarray, slots: np.ndarray, weight: np.ndarray, fresh: np.ndarray) -> None:
@@ -940,7 +940,7 @@ class StreamClusterer:
     def _reassign(self, x: np.ndarray, slots: np.ndarray, weight: np.ndarray) -> None:
         """One hard k-means step among the clusters the memory touches: each remembered sample
         moves to its nearest prototype. Clusters left with no mass (unlabelled) are dissolved."""
-        touched = np.unique(slots)
+        touched = _distinct(slots, self._n)
         if len(touched) < 2:
             return
         sq = self._sqn[touched]
@@ -1008,13 +1008,15 @@ class StreamClusterer:
         np.subtract.at(self._seen, src, 1)
         np.add.at(self._seen, dst, 1)
         old = self._search[src]  # a copy (fancy indexing), taken before the prototypes move
-        self._refresh_rows(np.unique(np.concatenate([src, dst])))
+        changed = _distinct(np.concatenate([src, dst]), self._n)
+        self._refresh_rows(changed)
         # widths: a sample's distance to its old prototype leaves with it, to its new one arrives
         new = self._search[dst]
         np.subtract.at(self._spread, src, weight * ((x - old) ** 2).sum(1))
         np.add.at(self._spread, dst, weight * ((x - new) ** 2).sum(1))
-        np.maximum(self._spread, 0.0, out=self._spread)
-        np.maximum(self._seen, 0, out=self._seen)
+        # rounding may leave a drained cluster slightly below zero (no other row changed)
+        self._spread[changed] = np.maximum(self._spread[changed], 0.0)
+        self._seen[changed] = np.maximum(self._seen[changed], 0)
 
     def _refresh_rows(self, idx: np.ndarray) -> None:
         """_refresh for many slots at once (without touching a batch's scores)."""
@@ -1077,6 +1079,11 @@ def _two_means_each(x: np.ndarray, groups: list[np.ndarray], iters: int = 8) -> 
     nb = np.add.reduceat(mask.astype(np.int64), starts)
     gap = np.where((nb > 0) & (nb < sizes), ((a - b) ** 2).sum(1), 0.0)
     return [mask[s:s + k] for s, k in zip(starts.tolist(), sizes.tolist())], gap
+
+
+def _distinct(slots: np.ndarray, n: int) -> np.ndarray:
+    """np.unique for slot numbers below n, by counting instead of sorting."""
+    return np.flatnonzero(np.bincount(slots, minlength=n))
 
 
 def _check_labels(labels, n: int) -> list[str]:

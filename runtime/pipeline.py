@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import open_encoder
-from .clustering import Assignment, StreamClusterer, model_identity
+from .clustering import Assignment, StreamClusterer, model_identity, one_blas_thread
 from .errors import StateError
 
 log = logging.getLogger(__name__)
@@ -72,12 +72,12 @@ class Runtime:
         batch; overlapped, it hides behind the encoder). Pixels are checked before anything is
         embedded, and a piece that fails later undoes the pieces learned before it."""
         x = self.encoder.validate(pixels)
-        embed_each = getattr(self.encoder, "embed_each", None)  # TensorRT: embed, then cluster
-        if embed_each is None:
+        splits = getattr(self.encoder, "splits", None)  # TensorRT, GPUs, one thread: no pool to overlap
+        if splits is None or not splits(len(x)):
             return self.clusterer.partial_fit(self.encoder.embed_valid(x))
         out = []
-        with self.clusterer.atomic():
-            embed_each(x, lambda e: out.extend(self.clusterer.partial_fit(e)))
+        with self.clusterer.atomic(), one_blas_thread():  # once, not for every piece
+            self.encoder.embed_each(x, lambda e: out.extend(self.clusterer.partial_fit(e)))
         return out
 
     def assign(self, pixels) -> list[Assignment]:

@@ -256,9 +256,9 @@ def test_a_piece_that_fails_undoes_the_pieces_clustered_before_it(bundle, data, 
     before, stats = state_of(rt), rt.clusterer.stats
     run, runs, learned = rt.encoder._run, [], []
 
-    def third_run_fails(session, x):
+    def sixth_run_fails(session, x):
         runs.append(len(x))
-        if len(runs) == 3:
+        if len(runs) == 6:  # a later piece, after the first ones were handed over
             if fault == "error":
                 raise RuntimeError("piece failed")
             return np.full((len(x), 64), np.nan, np.float32)
@@ -271,7 +271,7 @@ def test_a_piece_that_fails_undoes_the_pieces_clustered_before_it(bundle, data, 
         learned.append(len(out))
         return out
 
-    monkeypatch.setattr(rt.encoder, "_run", third_run_fails)
+    monkeypatch.setattr(rt.encoder, "_run", sixth_run_fails)
     monkeypatch.setattr(rt.clusterer, "partial_fit", fit_and_count)
     with pytest.raises(InputError if fault == "nan" else RuntimeError, match="NaN" if fault == "nan" else "failed"):
         rt.cluster(images[30:94])
