@@ -100,7 +100,7 @@ MERGE_FRACTIONS = (0.25, 0.5)  # merge_threshold / threshold tried by the stream
 
 
 def cluster_threshold(embed: Callable[[np.ndarray], np.ndarray], images: np.ndarray, calibration: dict,
-                      temperature: float, n_images: int = 5000, seed: int = 0) -> dict:
+                      temperature: float, n_images: int = 5000, seed: int = 0, rule_factor: float | None = None) -> dict:
     """The runtime's default clustering settings for this bundle, chosen without labels.
 
     Two candidates: the calibration rule (runtime.clustering.rule_threshold, fitted on
@@ -111,12 +111,13 @@ def cluster_threshold(embed: Callable[[np.ndarray], np.ndarray], images: np.ndar
     shows real structure (silhouette >= STRUCTURE_SILHOUETTE), as on data with a few broad classes
     (MNIST), where the rule cuts every class into many clusters; it then also sets the merge
     threshold. Otherwise the rule stands and the runtime's default merge threshold applies.
+    rule_factor: the rule's multiple of the midpoint (default: the runtime's RULE_FACTOR).
     """
-    from protoedge.runtime.clustering import StreamClusterer, rule_threshold
+    from protoedge.runtime.clustering import RULE_FACTOR, StreamClusterer, rule_threshold
     from protoedge.runtime.threshold_search import select_threshold
 
     distance = calibration["distance"]
-    rule = rule_threshold(calibration)
+    rule = rule_threshold(calibration) if rule_factor is None else rule_threshold(calibration, rule_factor)
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(images), min(n_images, len(images)), replace=False)
     emb = embed(images[pick])
@@ -135,6 +136,7 @@ def cluster_threshold(embed: Callable[[np.ndarray], np.ndarray], images: np.ndar
         "value": float(best["threshold"] if structured else rule),
         "chosen_by": "stream silhouette" if structured else "calibration rule",
         "rule_threshold": float(rule),
+        "rule_factor": float(rule_factor or RULE_FACTOR),
         "search": {"images": int(len(pick)), "best_factor": best["factor"], "best_threshold": best["threshold"],
                    "best_merge_fraction": mf, "best_silhouette": best["silhouette"],
                    "silhouette_by_merge_fraction_and_factor": {

@@ -31,14 +31,21 @@ def register(main: click.Group, bench: click.Group) -> None:
                   help="Score on the first K classes of the eval set only (quicker, noisier).")
     @click.option("--calib-items", type=click.IntRange(min=2), default=2000, show_default=True,
                   help="Unlabelled images for the distance calibration statistics.")
+    @click.option("--whiten", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                  help="Fold a whitening of the embedding, fitted on the --calib images (no labels), into the "
+                       "graph: many fine novel classes separate better. auto: unless the calib images show "
+                       "broad structure, which whitening flattens (export/whitening.py has the measurements).")
+    @click.option("--whiten-shrinkage", type=click.FloatRange(min=0, min_open=True), default=None,
+                  help="Eigenvalue shrinkage of the whitening, as a multiple of the mean eigenvalue "
+                       "[default: 0.25].")
     @click.option("--archive", type=click.Path(dir_okay=False, path_type=Path), default=None,
                   help="Also pack the bundle into this .tar.gz for shipping.")
     @click.option("--tensorrt", is_flag=True, help="Also build TensorRT engines for this machine's GPU.")
     @click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                   help="Engine cache for --tensorrt (default: BUNDLE/engines).")
     @click.option("--seed", default=0, show_default=True)
-    def export(checkpoint, out, precision, calib, eval_, episodes, eval_classes, calib_items, archive, tensorrt,
-               engine_dir, seed):
+    def export(checkpoint, out, precision, calib, eval_, episodes, eval_classes, calib_items, whiten, whiten_shrinkage,
+               archive, tensorrt, engine_dir, seed):
         """Compile CHECKPOINT to ONNX (FP32/FP16/INT8) in a verifiable bundle."""
         from protoedge._deps import require_torch
 
@@ -50,11 +57,12 @@ def register(main: click.Group, bench: click.Group) -> None:
         from .onnx_export import ExportError
         from .pipeline import ExportOptions, export_bundle
 
+        extra = {} if whiten_shrinkage is None else {"whiten_shrinkage": whiten_shrinkage}
         if archive is not None and not archive.name.endswith((".tar.gz", ".tgz")):
             raise click.BadParameter("the archive name must end in .tar.gz or .tgz", param_hint="--archive")
         opts = ExportOptions(precisions=precision, calib=calib, eval=eval_, episodes=episodes,
-                             eval_classes=eval_classes, calib_items=calib_items, archive=archive,
-                             tensorrt=tensorrt, engine_dir=engine_dir, seed=seed)
+                             eval_classes=eval_classes, calib_items=calib_items, whiten=whiten, archive=archive,
+                             tensorrt=tensorrt, engine_dir=engine_dir, seed=seed, **extra)
         try:
             result = export_bundle(checkpoint, out, opts)
         except (CheckpointError, DataError, ExportError, BundleError, FileExistsError, ValueError) as e:

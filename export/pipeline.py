@@ -23,6 +23,8 @@ from . import bundle_writer, measure
 from .calibration import cluster_threshold, distance_calibration
 from .onnx_export import OPSET, ExportError, check_fp32_parity, compare, export_fp32, run_onnx, run_torch
 from .precision import to_fp16, to_int8
+from .whitening import RULE_FACTOR as WHITENED_RULE_FACTOR
+from .whitening import SHRINKAGE, maybe_whiten
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ class ExportOptions:
     parity_images: int = 512
     int8_calib_images: int = 512
     calib_items: int = 2000
+    whiten: str = "auto"  # fold a whitening of the embedding, fitted on the calib images, into the graph
+    whiten_shrinkage: float = SHRINKAGE
     speed_batch: int = 64
     speed_repeats: int = 30
     archive: Path | None = None
@@ -163,6 +167,10 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
     if eval_set.labels is None:
         raise ExportError(f"eval images {eval_set.source} have no labels; accuracy needs a labelled set")
     rng = np.random.default_rng(opts.seed)
+    # before anything is exported: a whitening is part of the graph
+    encoder, whitening = maybe_whiten(encoder, calib_set.images, distance, temperature, opts.whiten,
+                                      opts.whiten_shrinkage, opts.seed)
+    whitened = whitening.get("applied", False)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
@@ -216,7 +224,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
         calibration = distance_calibration(lambda x: run_onnx(fp32_path, x), calib_set.images, distance,
                                            opts.calib_items, opts.seed)
         calibration["cluster_threshold"] = cluster_threshold(lambda x: run_onnx(fp32_path, x), calib_set.images,
-                                                             calibration, temperature, seed=opts.seed)
+                                                             calibration, temperature, seed=opts.seed,
+                                                             rule_factor=WHITENED_RULE_FACTOR if whitened else None)
         steps("calibration")
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -228,7 +237,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
                       "pixels": "0-255 as stored in the training data (ink high for Omniglot/MNIST); "
                                 f"the graph normalises (x/255 - {cfg.pixel_mean}) / {cfg.pixel_std}"},
             "output": {"name": "embedding", "dim": int(encoder.embedding_dim), "distance": distance,
-                       "temperature": temperature},
+                       "temperature": temperature, "whitening": whitening},
             "calibration": {**calibration, "source": calib_set.source},
             "variants": variants,
             "rejected_variants": rejected,

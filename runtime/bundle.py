@@ -90,6 +90,14 @@ class Bundle:
             f"{i['width']}]  pixels: {i['pixels']}",
             f"output     {o['name']} float32 [N, {o['dim']}]  distance={o['distance']} "
             f"temperature={o['temperature']:.4g}",
+        ]
+        w = o.get("whitening")
+        if isinstance(w, dict) and w.get("applied"):
+            lines.append(f"whitening  in the graph, fitted on {w.get('images', '?')} calibration images "
+                         f"(shrinkage {w.get('shrinkage', '?')})")
+        elif isinstance(w, dict):
+            lines.append(f"whitening  none: {w.get('reason', '?')}")
+        lines += [
             f"calibration n_items={c['n_items']} new_cluster_threshold={c['new_cluster_threshold']:.4g} "
             f"(same-item q0.95={c['same_item_quantiles']['0.95']:.4g}, "
             f"different-item q0.05={c['different_item_quantiles']['0.05']:.4g})",

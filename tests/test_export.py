@@ -17,8 +17,9 @@ from protoedge.runtime.bundle import load_bundle
 from protoedge.trainer.checkpoint import load_encoder, save_checkpoint
 from protoedge.trainer.model import Encoder
 
+# whiten="off": these tests check the encoder's own graph; tests/test_whitening.py the whitened one
 QUICK = dict(eval_classes=40, episodes=100, parity_images=256, int8_calib_images=128, calib_items=400,
-             speed_repeats=2, progress=False)
+             speed_repeats=2, progress=False, whiten="off")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,8 @@ def test_calibration_statistics_are_present_and_sane(exported):
 
 def test_manifest_carries_specs_and_provenance(exported, checkpoint):
     m = exported.bundle.manifest
-    assert m["output"] == {"name": "embedding", "dim": 64, "distance": "cosine", "temperature": 7.5}
+    assert m["output"] == {"name": "embedding", "dim": 64, "distance": "cosine", "temperature": 7.5,
+                           "whitening": {"applied": False, "reason": "turned off (--whiten off)"}}
     assert (m["input"]["channels"], m["input"]["height"], m["input"]["width"]) == (1, 28, 28)
     prov = m["provenance"]
     from protoedge.runtime.bundle import sha256_file
