@@ -656,20 +656,20 @@ class StreamClusterer:
                 self._last[j] = step
                 p = self._search[j]
                 if cosine:
-                    np.multiply(m, 1.0 / math.sqrt(float(np.dot(m, m))), out=p)
+                    np.multiply(m, 1.0 / math.sqrt(float(m.dot(m))), out=p)
                 else:
                     np.multiply(m, 1.0 / self._counts[j], out=p)
-                    self._sqn[j] = float(np.dot(p, p))
+                    self._sqn[j] = float(p.dot(p))
                 r = i + 1
                 if r < n_rows:
-                    col = x[r:] @ p
+                    col = x[r:].dot(p)  # .dot: the same BLAS call as @, with less overhead
                     if not cosine:
                         col -= 0.5 * self._sqn[j]
                     scores[r:, j] = col
                 if k >= 0 and merge > 0 and math.sqrt(dk) - math.sqrt(dj) < root_merge:
                     # the exact prototype distance first (one dot product), the rules only if close
                     q = self._search[k]
-                    pq = float(np.dot(p, q))
+                    pq = float(p.dot(q))
                     if self._sqn[j] + self._sqn[k] - 2.0 * pq < merge:
                         self._maybe_merge(j, k)
                 out.append(result)
@@ -755,14 +755,14 @@ class StreamClusterer:
         """Recompute what is searched for slot s after its sum or count changed."""
         m = self._sums[s]
         if self.distance == "cosine":  # the mean's direction is the sum's direction
-            np.multiply(m, 1.0 / max(math.sqrt(float(np.dot(m, m))), 1e-30), out=self._search[s])
+            np.multiply(m, 1.0 / max(math.sqrt(float(m.dot(m))), 1e-30), out=self._search[s])
             self._sqn[s] = 1.0
         else:
             np.multiply(m, 1.0 / self._counts[s], out=self._search[s])
-            self._sqn[s] = float(np.dot(self._search[s], self._search[s]))
+            self._sqn[s] = float(self._search[s].dot(self._search[s]))
         if self._scores is not None:  # rows already processed never look again
             r = self._row
-            col = self._xb[r:] @ self._search[s]
+            col = self._xb[r:].dot(self._search[s])
             if self.distance != "cosine":
                 col -= 0.5 * self._sqn[s]
             self._scores[r:, s] = col
@@ -985,16 +985,21 @@ class StreamClusterer:
             slots = np.array([self._slot[i] for i in ids])
             p, sq, c = self._search[slots], self._sqn[slots], self._counts[slots] * self._cscale
             d = np.maximum(sq[:, None] + sq[None] - 2.0 * (p @ p.T), 0.0)
-            cost = c[:, None] * c[None] / (c[:, None] + c[None]) * d
-            cost[(d >= MERGE_CAP * tau) | np.eye(len(ids), dtype=bool)] = np.inf
+            np.fill_diagonal(d, np.inf)
+            a, b = np.nonzero(d < MERGE_CAP * tau)  # the few pairs close enough, in row-major order
+            if not len(a):
+                return
+            cost = c[a] * c[b] / (c[a] + c[b]) * d[a, b]
             names = [self._labels[s] for s in slots]
             if sum(v is not None for v in names) > 1:  # known classes with different names never merge
-                for i, j in zip(*np.nonzero(np.isfinite(cost))):
-                    if names[i] is not None and names[j] is not None and names[i] != names[j]:
-                        cost[i, j] = np.inf
-            i, j = divmod(int(cost.argmin()), len(ids))
-            if not cost[i, j] < MERGE_COST * tau:
+                for k in np.flatnonzero(np.isfinite(cost)):
+                    u, v = names[a[k]], names[b[k]]
+                    if u is not None and v is not None and u != v:
+                        cost[k] = np.inf
+            k = int(cost.argmin())
+            if not cost[k] < MERGE_COST * tau:
                 return
+            i, j = int(a[k]), int(b[k])
             keep = self._merge_slots(int(slots[i]), int(slots[j]))
             ids = [v for v in ids if v not in (ids[i], ids[j])] + [keep]
 

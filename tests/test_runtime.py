@@ -218,7 +218,9 @@ def test_runtime_clusters_pixels_and_few_shot_examples(bundle, data):
     assert rt.clusterer.threshold == pytest.approx(1.2 * bundle.calibration["new_cluster_threshold"])  # the rule
     out = rt.cluster(images)
     assert len(out) == len(images) and out[0].new_cluster
-    assert rt.clusterer.n_clusters == len({a.cluster_id for a in out if a.new_cluster}) - rt.clusterer.stats["merged"]
+    st = rt.clusterer.stats
+    assert st["created"] - st["split"] == len({a.cluster_id for a in out if a.new_cluster})
+    assert rt.clusterer.n_clusters == st["created"] - st["merged"] - st["dissolved"] - st["evicted"]
     before = state_of(rt)
     rt.assign(images[:20])
     assert state_of(rt) == before
