@@ -37,7 +37,7 @@ def register(main: click.Group, bench: click.Group) -> None:
                        "broad structure, which whitening flattens (export/whitening.py has the measurements).")
     @click.option("--whiten-shrinkage", type=click.FloatRange(min=0, min_open=True), default=None,
                   help="Eigenvalue shrinkage of the whitening, as a multiple of the mean eigenvalue "
-                       "[default: 0.25].")
+                       "[default: 1.0].")
     @click.option("--archive", type=click.Path(dir_okay=False, path_type=Path), default=None,
                   help="Also pack the bundle into this .tar.gz for shipping.")
     @click.option("--tensorrt", is_flag=True, help="Also build TensorRT engines for this machine's GPU.")

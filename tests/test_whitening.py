@@ -76,7 +76,7 @@ def whitened(tmp_path_factory):
 def test_whitened_export_is_one_graph_with_parity_and_a_record(whitened):
     m = whitened.manifest
     w = m["output"]["whitening"]
-    assert w["applied"] and w["mode"] == "on" and w["shrinkage"] == 0.25 and w["images"] == 10000
+    assert w["applied"] and w["mode"] == "on" and w["shrinkage"] == 1.0 and w["images"] == 10000
     assert m["variants"]["fp32"]["max_abs_diff"] < 1e-4  # the export's own parity gate saw the wrapper
     # the same wrapper rebuilt from the same images and seed gives what the graph computes
     enc, meta = load_encoder(OMNIGLOT)
