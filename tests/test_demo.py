@@ -114,13 +114,17 @@ def test_bad_demo_options_are_clear_errors(tmp_path, args, message):
 def test_demo_threshold_for_one_alphabet_streams():
     from types import SimpleNamespace
 
-    from protoedge.demo import ALPHABET_THRESHOLD_FACTOR, demo_threshold
+    from protoedge.demo import ALPHABET_THRESHOLD_FACTOR, ALPHABET_THRESHOLD_FACTOR_WHITENED, demo_threshold
 
     rule = SimpleNamespace(calibration={"new_cluster_threshold": 0.4, "cluster_threshold": {
-        "value": 0.48, "chosen_by": "calibration rule"}})
+        "value": 0.48, "chosen_by": "calibration rule"}}, output_spec={})
     assert demo_threshold(rule, None)[0] == pytest.approx(ALPHABET_THRESHOLD_FACTOR * 0.4) == pytest.approx(0.4)
     assert demo_threshold(rule, 0.7) == (0.7, "--threshold")
+    # a whitened bundle's distances are spread differently: its own multiple of the midpoint
+    white = SimpleNamespace(calibration=rule.calibration, output_spec={"whitening": {"applied": True}})
+    got, why = demo_threshold(white, None)
+    assert got == pytest.approx(ALPHABET_THRESHOLD_FACTOR_WHITENED * 0.4) and "whitened" in why
     # a bundle whose export found its own class granularity keeps it
     found = SimpleNamespace(calibration={"new_cluster_threshold": 0.4, "cluster_threshold": {
-        "value": 1.1, "chosen_by": "stream silhouette"}})
+        "value": 1.1, "chosen_by": "stream silhouette"}}, output_spec={})
     assert demo_threshold(found, None)[0] is None
