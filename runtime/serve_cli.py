@@ -60,8 +60,8 @@ def register(main: click.Group, bench: click.Group) -> None:
 @click.option("--switch-interval-ms", type=click.FloatRange(0.01, 100), default=0.5, show_default=True,
               help="Python GIL hand-over interval between the event loop and the worker thread.")
 @click.option("--pipeline/--no-pipeline", default=False, show_default=True,
-              help="Embed the next micro-batch on its own thread while the worker applies, logs and fsyncs "
-                   "the previous one (--no-pipeline: one thread does both in turn).")
+              help="The worker thread only embeds; the event loop applies, logs and answers each micro-batch "
+                   "while the next one is embedded (--no-pipeline: the worker thread does both in turn).")
 @click.option("--inline-idle/--no-inline-idle", default=True, show_default=True,
               help="A request that arrives alone, with the worker idle, runs on the event loop (saves two "
                    "thread wake-ups; under load requests queue for the worker as usual).")

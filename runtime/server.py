@@ -68,7 +68,7 @@ class ServerConfig:
     shutdown_timeout_s: float = 30.0
     event_loop: str = "auto"             # auto: uvloop when it is installed, else asyncio's own
     switch_interval_ms: float = 0.5      # GIL hand-over between the event loop and the worker
-    pipeline: bool = False               # encoder thread + state thread instead of one worker thread
+    pipeline: bool = False               # the worker thread only embeds; the event loop applies and answers
     inline_idle: bool = True             # a lone request runs on the event loop (no thread hand-offs)
     fast_path: bool = True               # POST /v1/cluster|assign (.npy) skip aiohttp's request machinery
     sync_thread: bool = True             # fsync always: fdatasync + answers on their own thread
@@ -219,14 +219,14 @@ class Daemon:
         return await self.in_thread(parse_image, body, s["channels"], s["height"], s["width"])
 
     def _embed(self, jobs):
-        """Encoder stage (the worker thread, or the encoder thread with pipeline=True)."""
+        """Encoder stage (the worker thread)."""
         return self.state.embed_jobs(jobs, self.config.max_batch)
 
     def _apply(self, jobs, emb):
-        """Worker thread: one micro-batch -> one result per job. apply_batch writes the batch's log
-        records; with --fsync always the worker's sync thread commits them (_commit: fdatasync,
-        one for every batch applied meanwhile) before any of them is answered, otherwise
-        apply_batch commits as the policy says."""
+        """Worker thread (the event loop with --pipeline): one micro-batch -> one result per job.
+        apply_batch writes the batch's log records; with --fsync always the worker's sync thread
+        commits them (_commit: fdatasync, one for every batch applied meanwhile) before any of them
+        is answered, otherwise apply_batch commits as the policy says."""
         try:
             return self.state.apply_batch(jobs, emb, commit=not self._sync_thread)
         except (PersistError, OSError) as e:
@@ -271,7 +271,7 @@ class Daemon:
                                "backend": enc, "max_batch": self.config.max_batch,
                                "max_wait_ms": self.config.max_wait_ms, "fsync": self.config.fsync,
                                "pipeline": self.config.pipeline,
-                               "inline_idle": self.config.inline_idle and not self.config.pipeline,
+                               "inline_idle": self.config.inline_idle,
                                "fast_path": self.config.fast_path, "sync_thread": self._sync_thread,
                                "event_loop": type(self._loop).__module__.split(".")[0] if self._loop else None}}
 

@@ -14,8 +14,14 @@ worker's wake-up and the answer's trip back), which on an idle CPU cost more tha
 load requests see each other (they yield once to the loop before deciding) and queue as usual, so
 batching is unchanged; the loop is blocked for one single-request encoder call and fsync at most.
 
+pipeline (off by default): the thread only embeds, and the event loop applies, logs and answers
+each batch while the thread embeds the next one. Batches are applied in the order they were taken
+(the loop runs the hand-offs in order) and inline requests run on the loop too, so the state
+still has one user at a time.
+
 Other work on the state (reads, label/merge/remove, snapshots) is queued as a call that runs
-alone, in order with the batches, so every state change is totally ordered.
+alone on the thread, in order with the batches (with pipeline, once every batch before it is
+applied), so every state change is totally ordered.
 
 admit() is called on the event loop before a body is read and raises Overloaded (answered 503)
 when max_queue requests or max_queue_bytes of bodies are already held: memory stays bounded
@@ -44,7 +50,10 @@ class _Call:
         self.fn, self.future = fn, future
 
 
-_END = object()  # encoder stage -> state stage: nothing follows
+_END = object()  # the last item for the sync thread
+# pipeline: batches embedded ahead of the event loop's apply, at most (one being applied, one ready:
+# the encoder never waits for the loop, and a batch is never embedded long before it is applied)
+AHEAD = 2  # encoder stage -> state stage: nothing follows
 
 
 class Worker:
@@ -55,11 +64,10 @@ class Worker:
         -> one result (a value or an exception) per job, returning only once the batch's updates
         are as durable as the policy says. on_batch(n_images, seconds) runs on the event loop.
 
-        pipeline=False: one thread does both, batch after batch. pipeline=True: an encoder thread
-        embeds the next batch while the state thread applies, logs and fsyncs the previous one
-        (both stages release the GIL for most of their time: ORT, fdatasync); the encoder takes a
-        new batch only once the state thread has picked up the last one, so batches still grow
-        with the load instead of the stages racing ahead with small ones.
+        pipeline=False: one thread embeds and applies, batch after batch. pipeline=True: that thread
+        only embeds (ONNX Runtime releases the GIL), and the event loop applies, logs and answers
+        each batch (the clusterer's Python then takes turns with the loop's own instead of competing
+        with it for the GIL from another thread); the encoder embeds the next batch meanwhile.
 
         commit: None, or a function that makes every update applied so far durable (fdatasync);
         apply() then does not commit, and a sync thread commits each applied batch and answers it
@@ -79,14 +87,14 @@ class Worker:
         self._idle = False
         self._parked = False  # waiting for work with nothing in hand (not the max_wait wait)
         self._candidates = 0  # requests deciding whether they are alone (inline_idle)
-        self.inline_idle = inline_idle and not pipeline
+        self.inline_idle = inline_idle
         self.inline_runs = 0
         self._stopping = False
         self._closed = False
         self._done: asyncio.Future = loop.create_future()
         self.pipeline = pipeline
-        self._handoff: collections.deque = collections.deque()  # encoder stage -> state stage
         self._hcv = threading.Condition(threading.Lock())
+        self._ahead = 0  # pipeline: batches embedded and handed to the event loop, not applied yet
         self.commit = commit
         self._syncq: collections.deque = collections.deque()  # applied batches waiting for a commit
         self._scv = threading.Condition(threading.Lock())
@@ -95,13 +103,8 @@ class Worker:
         if commit is not None:
             self._syncer = threading.Thread(target=self._run_sync, name="protoedge-sync", daemon=True)
             self._syncer.start()
-        if pipeline:
-            threads = [threading.Thread(target=self._run_encoder, name="protoedge-encoder", daemon=True),
-                       threading.Thread(target=self._run_state, name="protoedge-worker", daemon=True)]
-        else:
-            threads = [threading.Thread(target=self._run, name="protoedge-worker", daemon=True)]
-        for t in threads:
-            t.start()
+        run = self._run_encoder if pipeline else self._run
+        threading.Thread(target=run, name="protoedge-worker", daemon=True).start()
 
     @property
     def depth(self) -> int:
@@ -185,7 +188,7 @@ class Worker:
         # The worker is parked and only the event loop queues work, so while this (synchronous)
         # request runs nothing can wake the worker: the state has one user at a time.
         with self._cv:
-            return (self._parked and not self._items and self.arriving == 0
+            return (self._parked and not self._items and self.arriving == 0 and not self._ahead
                     and not self._stopping and not self._closed)
 
     def _run_inline(self, job):
@@ -272,10 +275,13 @@ class Worker:
             log.exception("micro-batch of %d requests failed", len(batch))
             return [e] * len(batch)
 
-    def _apply(self, batch, emb, t0: float) -> None:
+    def _apply(self, batch, emb, t0: float, on_loop: bool = False) -> None:
         results = self._results(batch, emb)
         if self.commit is None:
-            self._deliver(self._answer, batch, results, time.perf_counter() - t0)
+            if on_loop:
+                self._answer(batch, results, time.perf_counter() - t0)
+            else:
+                self._deliver(self._answer, batch, results, time.perf_counter() - t0)
             return
         with self._scv:
             self._syncq.append((batch, results, t0))
@@ -342,45 +348,42 @@ class Worker:
             self._finish()
 
     def _run_encoder(self) -> None:
-        """Pipeline, stage 1: embed batches and pass them on in order, calls too."""
+        """Pipeline: this thread embeds; the event loop applies, logs and answers (_apply_on_loop)."""
+        hcv = self._hcv
         try:
             while True:
-                with self._hcv:  # one embedded batch waiting is enough: let the next one grow
-                    while self._handoff:
-                        self._hcv.wait()
+                with hcv:
+                    while self._ahead >= AHEAD:
+                        hcv.wait()
                 work = self._take()
                 if work is None:
                     return
-                if isinstance(work, _Call):
-                    item = work
-                else:
-                    t0 = time.perf_counter()
-                    item = (work, self._embed(work), t0)
-                with self._hcv:
-                    self._handoff.append(item)
-                    self._hcv.notify_all()
+                if isinstance(work, _Call):  # alone: once every batch before it is applied
+                    with hcv:
+                        while self._ahead:
+                            hcv.wait()
+                    self._call(work)
+                    continue
+                t0 = time.perf_counter()
+                emb = self._embed(work)
+                with hcv:
+                    self._ahead += 1
+                if not self._deliver(self._apply_on_loop, work, emb, t0):
+                    with hcv:
+                        self._ahead -= 1
+        finally:
+            with hcv:  # (the loop runs until _finish delivers _done)
+                while self._ahead:
+                    hcv.wait()
+            self._finish()
+
+    def _apply_on_loop(self, batch, emb, t0: float) -> None:
+        try:
+            self._apply(batch, emb, t0, on_loop=True)
         finally:
             with self._hcv:
-                self._handoff.append(_END)
+                self._ahead -= 1
                 self._hcv.notify_all()
-
-    def _run_state(self) -> None:
-        """Pipeline, stage 2: the clusters and the log, in the order of the requests."""
-        try:
-            while True:
-                with self._hcv:
-                    while not self._handoff:
-                        self._hcv.wait()
-                    item = self._handoff.popleft()
-                    self._hcv.notify_all()
-                if item is _END:
-                    return
-                if isinstance(item, _Call):
-                    self._call(item)
-                else:
-                    self._apply(*item)
-        finally:
-            self._finish()
 
     def _finish(self) -> None:
         with self._cv:
@@ -392,11 +395,12 @@ class Worker:
             self._syncer.join()
         self._deliver(_settle_call, self._done, None, None)
 
-    def _deliver(self, fn, *args) -> None:
+    def _deliver(self, fn, *args) -> bool:
         try:
             self.loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
+            return False
+        return True
 
     def _answer(self, batch, results, seconds: float) -> None:
         """Event loop: one call per batch resolves every request of it."""

@@ -45,10 +45,11 @@ async def _submit(worker: Worker, i: int):
     return await worker.submit(Job(i), 1)
 
 
-def _run(inline: bool, scenario):
+def _run(inline: bool, scenario, pipeline: bool = False):
     async def main():
         rec = Recorder()
-        worker = Worker(asyncio.get_running_loop(), rec.embed, rec.apply, max_batch=64, inline_idle=inline)
+        worker = Worker(asyncio.get_running_loop(), rec.embed, rec.apply, max_batch=64, inline_idle=inline,
+                        pipeline=pipeline)
         await asyncio.sleep(0.05)  # the worker thread parks
         try:
             results = await scenario(worker)
@@ -106,3 +107,23 @@ def test_inline_and_worker_batches_mix_without_overlap():
     assert results == [i * 10 for i in range(20)]
     assert worker.inline_runs >= 2 and sum(rec.batches) == 20
     assert not rec.overlap
+
+
+async def with_calls(worker):
+    """Bursts with a call queued behind each: the call must run after the burst's batches are applied."""
+    rec = worker.apply.__self__
+    seen, results = [], []
+    for burst in range(4):
+        tasks = [asyncio.ensure_future(_submit(worker, i)) for i in range(burst * 8, burst * 8 + 8)]
+        await asyncio.sleep(0)  # the burst is queued before the call
+        seen.append(await worker.call(lambda: sum(rec.batches)))
+        results += [await t for t in tasks]
+    return seen, results
+
+
+def test_pipeline_applies_on_the_event_loop_in_order_with_calls():
+    rec, worker, (seen, results) = _run(False, with_calls, pipeline=True)
+    assert results == [i * 10 for i in range(32)]
+    assert rec.threads == {"MainThread"}  # the clusterer runs on the loop, the encoder on the thread
+    assert not rec.overlap and sum(rec.batches) == 32
+    assert seen == [8, 16, 24, 32]

@@ -366,9 +366,9 @@ def test_concurrent_single_image_requests_share_encoder_calls(server):
 
 
 @pytest.mark.parametrize("loop,pipeline", [("asyncio", "--no-pipeline"), ("uvloop", "--pipeline")])
-def test_runs_on_asyncio_s_own_loop_and_on_uvloop_with_one_or_two_worker_threads(tmp_path, loop, pipeline):
+def test_runs_on_asyncio_s_own_loop_and_on_uvloop_with_and_without_pipeline(tmp_path, loop, pipeline):
     """uvloop is optional: the daemon runs on asyncio's own loop too (and says which it uses); the
-    encoder may run on its own thread or on the worker's."""
+    clusterer may run on the worker thread or (--pipeline) on the event loop."""
     if loop == "uvloop":
         pytest.importorskip("uvloop")
     with Server(tmp_path, "--event-loop", loop, pipeline) as srv:
@@ -380,7 +380,7 @@ def test_runs_on_asyncio_s_own_loop_and_on_uvloop_with_one_or_two_worker_threads
                 assert {x["id"]: x["label"] for x in c.clusters()}[cid] == "first"
                 params = c.model()["parameters"]
                 assert params["event_loop"] == loop and params["pipeline"] == (pipeline == "--pipeline")
-                assert params["inline_idle"] == (pipeline != "--pipeline")  # the fast path needs one worker
+                assert params["inline_idle"]
         assert srv.terminate() == 0
         assert "stopped (exit 0)" in srv.output()
 
