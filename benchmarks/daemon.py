@@ -390,12 +390,14 @@ def run_benchmark(bundle: str, out_dir: str = "benchmarks/results", seconds: flo
     print("the runtime in-process", file=sys.stderr)
     inproc_before = in_process(bundle, threads, n_latency, seconds)
     daemons = {p: measure_daemon(bundle, p, seconds, n_latency, threads) for p in policies}
-    # Other settings, 16 clients only: inference threads, pipeline, GIL switch interval, event loop,
-    # inline fast path, HTTP fast path, sync thread.
+    # Other settings, 16 clients only: inference threads, pipeline, batch size, GIL switch interval,
+    # event loop, inline fast path, HTTP fast path, sync thread.
     variants = {}
     other_threads = 2 if threads != 2 else 1
     settings = [(f"{other_threads} inference threads", other_threads, (), False),
-                ("encoder thread + state thread (--pipeline)", threads, ("--pipeline",), False),
+                ("clusterer on the worker thread, after the encoder (--no-pipeline)", threads, ("--no-pipeline",),
+                 False),
+                ("micro-batches of up to 64 images (--max-batch 64)", threads, ("--max-batch", "64"), False),
                 ("GIL switch interval 5 ms (Python's default)", threads, ("--switch-interval-ms", "5"), False),
                 ("asyncio event loop (no uvloop)", threads, ("--event-loop", "asyncio"), False),
                 ("no inline fast path (--no-inline-idle)", threads, ("--no-inline-idle",), True),

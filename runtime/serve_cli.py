@@ -35,8 +35,10 @@ def register(main: click.Group, bench: click.Group) -> None:
               help="Engine cache (TensorRT plans) [default: $PROTOEDGE_CACHE_DIR or ~/.cache/protoedge].")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Require 'Authorization: Bearer <token>' (file content) on every route but the health probes.")
-@click.option("--max-batch", type=click.IntRange(1, 4096), default=64, show_default=True,
-              help="Most images per encoder call (micro-batch).")
+@click.option("--max-batch", type=click.IntRange(1, 4096), default=None,
+              help="Most images per micro-batch and per encoder call [default: 8 on the CPU backend, where "
+                   "small batches keep two in flight (one embedded while the other is applied and answered) "
+                   "and cost no more per image; 64 on a GPU].")
 @click.option("--max-wait-ms", type=click.FloatRange(0, 1000), default=0.0, show_default=True,
               help="Longest a micro-batch waits for requests whose bodies are still being read (0: the "
                    "worker starts on whatever is queued as soon as it is free).")
@@ -59,7 +61,7 @@ def register(main: click.Group, bench: click.Group) -> None:
               help="auto: uvloop if it is installed (optional; cheaper per request), else asyncio's own loop.")
 @click.option("--switch-interval-ms", type=click.FloatRange(0.01, 100), default=0.5, show_default=True,
               help="Python GIL hand-over interval between the event loop and the worker thread.")
-@click.option("--pipeline/--no-pipeline", default=False, show_default=True,
+@click.option("--pipeline/--no-pipeline", default=True, show_default=True,
               help="The worker thread only embeds; the event loop applies, logs and answers each micro-batch "
                    "while the next one is embedded (--no-pipeline: the worker thread does both in turn).")
 @click.option("--inline-idle/--no-inline-idle", default=True, show_default=True,

@@ -4,11 +4,12 @@
     -> serve -> SIGTERM/SIGINT: stop accepting, finish in-flight requests, drain the queue,
        snapshot, exit 0
 
-One worker thread owns the encoder, the clusterer and the update log; the asyncio loop (aiohttp)
-only parses HTTP and decodes bodies. The worker runs micro-batches back to back (continuous
-batching: server_batcher.py), writes one log record and does one fdatasync per batch (group
-commit) and answers the whole batch in one hand-off to the loop. State changes are totally
-ordered and the update log replays them exactly.
+A worker thread runs the encoder on micro-batches back to back (continuous batching:
+server_batcher.py); the asyncio loop (aiohttp, and the fast path of server_fast.py) parses HTTP,
+and with --pipeline (the default) also applies each embedded batch to the clusterer, writes its
+log record and answers it, while the worker embeds the next batch. One fdatasync per batch (group
+commit, on a sync thread) precedes its answers. State changes are totally ordered and the update
+log replays them exactly.
 """
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ from .server_state import DaemonState, PersistError
 log = logging.getLogger("protoedge.daemon")
 
 DEFAULT_PORT = 8470
+# Default images per micro-batch. On the CPU, ONNX Runtime's cost per image is flat from 8 images
+# on, and small batches keep two in flight with 16 closed-loop clients (one embedded while the
+# event loop applies and answers the other); a GPU wants larger calls.
+CPU_MAX_BATCH, GPU_MAX_BATCH = 8, 64
 
 
 class ConfigError(ValueError):
@@ -55,7 +60,7 @@ class ServerConfig:
     threads: int | None = None
     cache_dir: str | None = None
     token_file: str | None = None
-    max_batch: int = 64
+    max_batch: int | None = None         # None: CPU_MAX_BATCH on the CPU backend, else GPU_MAX_BATCH
     max_wait_ms: float = 0.0
     max_queue: int = 256
     max_queue_bytes: int = 64 * 1024 * 1024
@@ -68,7 +73,7 @@ class ServerConfig:
     shutdown_timeout_s: float = 30.0
     event_loop: str = "auto"             # auto: uvloop when it is installed, else asyncio's own
     switch_interval_ms: float = 0.5      # GIL hand-over between the event loop and the worker
-    pipeline: bool = False               # the worker thread only embeds; the event loop applies and answers
+    pipeline: bool = True                # the worker thread only embeds; the event loop applies and answers
     inline_idle: bool = True             # a lone request runs on the event loop (no thread hand-offs)
     fast_path: bool = True               # POST /v1/cluster|assign (.npy) skip aiohttp's request machinery
     sync_thread: bool = True             # fsync always: fdatasync + answers on their own thread
@@ -82,7 +87,9 @@ class ServerConfig:
         if self.port is not None and not _is_loopback(self.host) and not self.token_file:
             raise ConfigError(f"--host {self.host} is not a loopback address: anyone on that network could "
                               "change the clusters; add --token-file (and a firewall), or bind 127.0.0.1")
-        for name in ("max_batch", "max_queue", "max_queue_bytes", "max_body_bytes", "max_images_per_request"):
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ConfigError("max_batch must be >= 1")
+        for name in ("max_queue", "max_queue_bytes", "max_body_bytes", "max_images_per_request"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
         if self.max_wait_ms < 0:
@@ -193,6 +200,8 @@ class Daemon:
         self._stop = None
         self._loop = None
         self._last_snapshot = time.monotonic()
+        # Known once the engine is built when the backend is "auto".
+        self.max_batch = config.max_batch or (CPU_MAX_BATCH if config.backend == "cpu" else GPU_MAX_BATCH)
 
     # ------------------------------------------------------------------ worker-thread helpers
 
@@ -220,7 +229,7 @@ class Daemon:
 
     def _embed(self, jobs):
         """Encoder stage (the worker thread)."""
-        return self.state.embed_jobs(jobs, self.config.max_batch)
+        return self.state.embed_jobs(jobs, self.max_batch)
 
     def _apply(self, jobs, emb):
         """Worker thread (the event loop with --pipeline): one micro-batch -> one result per job.
@@ -268,7 +277,7 @@ class Daemon:
                             "shape": [-1, i["channels"], i["height"], i["width"]]}],
                 "outputs": [{"name": o["name"], "datatype": "FP32", "shape": [-1, o["dim"]]}],
                 "parameters": {"distance": o["distance"], "model": self.bundle.manifest.get("model", {}),
-                               "backend": enc, "max_batch": self.config.max_batch,
+                               "backend": enc, "max_batch": self.max_batch,
                                "max_wait_ms": self.config.max_wait_ms, "fsync": self.config.fsync,
                                "pipeline": self.config.pipeline,
                                "inline_idle": self.config.inline_idle,
@@ -284,10 +293,12 @@ class Daemon:
         cfg = self.config
         self.encoder = open_encoder(self.bundle, backend=cfg.backend, precision=cfg.precision,
                                     threads=cfg.threads or default_inference_threads(),
-                                    cache_dir=cfg.cache_dir, max_batch=max(cfg.max_batch, 1))
+                                    cache_dir=cfg.cache_dir, max_batch=cfg.max_batch or GPU_MAX_BATCH)
+        if cfg.max_batch is None and self.encoder.backend == "cpu":  # ("auto" found no GPU)
+            self.max_batch = self.worker.max_batch = CPU_MAX_BATCH  # (no batch runs before the engine is built)
         s = self.bundle.input_spec
         # Warm-up at the sizes the batcher will use: the first calls allocate and (TensorRT) tune.
-        for n in sorted({1, cfg.max_batch}):
+        for n in sorted({1, self.max_batch}):
             self.encoder.embed(np.zeros((n, s["channels"], s["height"], s["width"]), np.uint8))
         built = time.perf_counter() - t0
         state = DaemonState(self.bundle, self.encoder, cfg.state_dir, fsync=cfg.fsync,
@@ -302,7 +313,7 @@ class Daemon:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         cfg = self.config
-        self.worker = Worker(self._loop, self._embed, self._apply, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue,
+        self.worker = Worker(self._loop, self._embed, self._apply, self.max_batch, cfg.max_wait_ms, cfg.max_queue,
                              cfg.max_queue_bytes, on_batch=self._on_batch, pipeline=cfg.pipeline,
                              inline_idle=cfg.inline_idle, commit=self._commit if self._sync_thread else None)
         for sig in (signal.SIGTERM, signal.SIGINT):
