@@ -14,8 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from .measure import interleaved_latency
 from .pipeline import ExportOptions, export_bundle
 

@@ -117,7 +117,8 @@ def cluster_threshold(embed: Callable[[np.ndarray], np.ndarray], images: np.ndar
     from protoedge.runtime.threshold_search import select_threshold
 
     distance = calibration["distance"]
-    rule = rule_threshold(calibration) if rule_factor is None else rule_threshold(calibration, rule_factor)
+    rule_factor = RULE_FACTOR if rule_factor is None else rule_factor
+    rule = rule_threshold(calibration, rule_factor)
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(images), min(n_images, len(images)), replace=False)
     emb = embed(images[pick])
@@ -136,7 +137,7 @@ def cluster_threshold(embed: Callable[[np.ndarray], np.ndarray], images: np.ndar
         "value": float(best["threshold"] if structured else rule),
         "chosen_by": "stream silhouette" if structured else "calibration rule",
         "rule_threshold": float(rule),
-        "rule_factor": float(rule_factor or RULE_FACTOR),
+        "rule_factor": float(rule_factor),
         "search": {"images": int(len(pick)), "best_factor": best["factor"], "best_threshold": best["threshold"],
                    "best_merge_fraction": mf, "best_silhouette": best["silhouette"],
                    "silhouette_by_merge_fraction_and_factor": {

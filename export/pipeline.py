@@ -23,8 +23,7 @@ from . import bundle_writer, measure
 from .calibration import cluster_threshold, distance_calibration
 from .onnx_export import OPSET, ExportError, check_fp32_parity, compare, export_fp32, run_onnx, run_torch
 from .precision import to_fp16, to_int8
-from .whitening import RULE_FACTOR as WHITENED_RULE_FACTOR
-from .whitening import SHRINKAGE, maybe_whiten
+from .whitening import RULE_FACTOR as WHITENED_RULE_FACTOR, SHRINKAGE, maybe_whiten
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,9 @@ Measured with the 3,000-step Omniglot encoder (streams of 20 characters x 20 dra
 clusterer, every setting chosen on *train* streams only): train 90.4% -> 90.5% ACC, novel test
 characters 77.5% -> 81.8% (20 streams; 81.3% on 50); 5-way 1-shot 94.63% -> 94.83%. Shrinkage
 0.25 / 0.5 / 1.0 scored 90.7-91.5% / 91.1-91.8% / 91.4-91.9% on train streams (two draws of
-streams, split distance 0.5); 1.0 also costs the least 1-shot accuracy (0.25: 94.03%). The map is linear, so the runtime needs nothing new: it is
-one MatMul at the end of the graph.
+streams, split distance 0.5); 1.0 also costs the least 1-shot accuracy (0.25: 94.03%).
+
+The map is linear, so the runtime needs nothing new: it is one MatMul at the end of the graph.
 """
 from __future__ import annotations
 
