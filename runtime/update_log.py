@@ -180,7 +180,10 @@ class UpdateLog:
         self._allocated = 0   # bytes of the current segment that exist on disk (records + zeros)
         self._older_bytes = 0  # records in the segments before the current one
         self.synced_seq = 0  # everything up to here is on disk
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the write position and last_seq (append, sync, close)
+        # One fdatasync at a time, and the file stays open while one runs. Separate from _lock so
+        # that appends (on the daemon's event loop) go on while a sync thread waits for the disk.
+        self._sync_lock = threading.Lock()
         self._last_sync = time.monotonic()
         self.fsyncs = 0
         self.fsync_seconds = 0.0  # time spent waiting for fdatasync (record syncs only)
@@ -294,14 +297,20 @@ class UpdateLog:
 
     def sync(self) -> int:
         """fdatasync what was written so far; returns the sequence now on disk. The daemon calls
-        it on the thread that appends, once per micro-batch (group commit)."""
-        with self._lock:
-            target = self.last_seq
-            if self._fd is None or target <= self.synced_seq:
+        it once per micro-batch (group commit), on its sync thread while appends go on.
+
+        Only the snapshot of (last_seq, fd) is taken under the append lock: fdatasync flushes every
+        write that completed before it started, so the records up to that last_seq are on disk
+        when it returns, and records appended meanwhile wait for the next sync (the caller answers
+        only what it appended before calling)."""
+        with self._sync_lock:
+            with self._lock:
+                target, fd = self.last_seq, self._fd
+            if fd is None or target <= self.synced_seq:
                 self._last_sync = time.monotonic()
                 return self.synced_seq
             t0 = time.perf_counter()
-            _fdatasync(self._fd)
+            _fdatasync(fd)
             self.fsync_seconds += time.perf_counter() - t0
             self.synced_seq = target
             self.fsyncs += 1
@@ -324,7 +333,7 @@ class UpdateLog:
         """Sync, drop the unused preallocated zeros and close the current segment."""
         if self._fd is not None:
             self.sync()
-            with self._lock:
+            with self._sync_lock, self._lock:  # (after any sync still running on another thread)
                 fd, self._fd = self._fd, None
                 if self._allocated > self._pos:
                     os.ftruncate(fd, self._pos)
