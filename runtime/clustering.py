@@ -889,9 +889,7 @@ class StreamClusterer:
         O(memory x touched clusters x dim), whatever the number of clusters."""
         pending, self._pending = self._pending, 0
         ring = self._ring()
-        ids, inverse = np.unique(self._mem_id[ring], return_inverse=True)
-        slot, resolve = self._slot.get, self.resolve
-        slots = np.array([slot(resolve(i), -1) for i in ids.tolist()], np.int64)[inverse]
+        slots = self._slots_of(self._mem_id[ring])
         if (slots < 0).any():  # samples of evicted or removed clusters are forgotten
             keep = slots >= 0
             ring, slots = ring[keep], slots[keep]
@@ -902,13 +900,30 @@ class StreamClusterer:
         if len(ring) < 2:
             return
         x = self._mem_x[ring]
+        steps = self._mem_step[ring]
         # each sample was learned with weight 1, decayed since; in stored units that is 1 / its scale
-        weight = self.decay ** (self._step - 1 - self._mem_step[ring].astype(np.float64)) / self._cscale
-        self._split(x, slots, weight, fresh=self._mem_step[ring] >= self._step - pending)
+        weight = self.decay ** (self._step - 1 - steps.astype(np.float64)) / self._cscale
+        self._split(x, slots, weight, fresh=steps >= self._step - pending)
         self._reassign(x, slots, weight)
         self._mem_id[ring] = self._ids[slots]  # merges below leave aliases that resolve these
         self._merge_close(_distinct(slots, self._n))
         self._stats["refinements"] += 1
+
+    def _slots_of(self, ids: np.ndarray) -> np.ndarray:
+        """The live slot of each cluster id in ``ids`` (-1 for evicted or removed clusters), merged
+        ids resolved to their survivor. Each distinct id is looked up once; the distinct ids come
+        from a sort, not np.unique (which took ~40 us on the 256 remembered ids, 5x a sort)."""
+        if not len(ids):
+            return np.zeros(0, np.int64)
+        ordered = np.sort(ids)
+        first = np.empty(len(ordered), bool)
+        first[0] = True
+        np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+        distinct = ordered[first]
+        get, aliases, resolve = self._slot.get, self._aliases, self.resolve
+        # resolve(i) is i for an id that was never merged: the call is skipped for those
+        found = [get(i, -1) if i not in aliases else get(resolve(i), -1) for i in distinct.tolist()]
+        return np.array(found, np.int64)[np.searchsorted(distinct, ids)]
 
     def _split(self, x: np.ndarray, slots: np.ndarray, weight: np.ndarray, fresh: np.ndarray) -> None:
         """Carve the smaller half out of each cluster whose remembered members 2-means splits into
@@ -916,18 +931,22 @@ class StreamClusterer:
         two members). Only clusters with SPLIT_MIN remembered members, at least two of them
         ``fresh`` (arrived since the last repair), are tested: the others were tested before with
         (nearly) the same members. Updates ``slots`` for the members that moved."""
-        counts = np.bincount(slots, minlength=self._n)
-        big = (counts >= SPLIT_MIN) & (np.bincount(slots[fresh], minlength=self._n) >= 2)
-        if not big.any():
-            return
+        n = self._n
+        counts = np.bincount(slots, minlength=n)
+        big = (counts >= SPLIT_MIN) & (np.bincount(slots[fresh], minlength=n) >= 2)
         tested = np.flatnonzero(big)
-        order, ends = np.argsort(slots, kind="stable"), np.cumsum(counts)
-        members = [order[e - c:e] for e, c in zip(ends[tested].tolist(), counts[tested].tolist())]
-        far, gap = _two_means_each(x, members)
-        for s, rows, f, g in zip(tested.tolist(), members, far, (gap > SPLIT_DISTANCE * self.threshold).tolist()):
-            if not g:
-                continue
-            small = rows[f] if 2 * f.sum() <= len(f) else rows[~f]
+        if not len(tested):
+            return
+        # the members of the tested clusters, cluster after cluster (ascending slots), each
+        # cluster's in memory order: one selection from a stable sort, not a list of pieces
+        order = np.argsort(slots, kind="stable")
+        rows = order[big[slots[order]]]
+        sizes = counts[tested]
+        far, gap = _two_means(x[rows], sizes)
+        ends = np.cumsum(sizes).tolist()
+        for g in np.flatnonzero(gap > SPLIT_DISTANCE * self.threshold).tolist():
+            members, f = rows[ends[g] - sizes[g]:ends[g]], far[ends[g] - sizes[g]:ends[g]]
+            small = members[f] if 2 * f.sum() <= len(f) else members[~f]
             if len(small) < 2:
                 continue
             if self._n >= self.max_clusters:
@@ -981,22 +1000,24 @@ class StreamClusterer:
         if self.merge_threshold <= 0:  # merging is off
             return
         tau = self.threshold
+        labels = self._labels
         touched = touched[touched < self._n]
-        grown = (self._seen[touched] >= self.min_size).tolist()
-        ids = [int(self._ids[s]) for s, g in zip(touched.tolist(), grown) if g or self._labels[s] is not None]
+        established = self._seen[touched] >= self.min_size
+        for i in np.flatnonzero(~established).tolist():  # a label establishes a cluster too
+            established[i] = labels[touched[i]] is not None
+        slots = touched[established]
+        ids = self._ids[slots].tolist()
         while len(ids) >= 2:
-            slots = np.array([self._slot[i] for i in ids])
             p, sq, c = self._search[slots], self._sqn[slots], self._counts[slots] * self._cscale
             d = np.maximum(sq[:, None] + sq[None] - 2.0 * (p @ p.T), 0.0)
-            np.fill_diagonal(d, np.inf)
+            d.flat[::len(d) + 1] = np.inf  # np.fill_diagonal, without its checks
             a, b = np.nonzero(d < MERGE_CAP * tau)  # the few pairs close enough, in row-major order
             if not len(a):
                 return
             cost = c[a] * c[b] / (c[a] + c[b]) * d[a, b]
-            names = [self._labels[s] for s in slots]
-            if sum(v is not None for v in names) > 1:  # known classes with different names never merge
-                for k in np.flatnonzero(np.isfinite(cost)):
-                    u, v = names[a[k]], names[b[k]]
+            if len(labels) - labels.count(None) > 1:  # known classes with different names never merge
+                for k in np.flatnonzero(np.isfinite(cost)).tolist():
+                    u, v = labels[slots[a[k]]], labels[slots[b[k]]]
                     if u is not None and v is not None and u != v:
                         cost[k] = np.inf
             k = int(cost.argmin())
@@ -1005,23 +1026,23 @@ class StreamClusterer:
             i, j = int(a[k]), int(b[k])
             keep = self._merge_slots(int(slots[i]), int(slots[j]))
             ids = [v for v in ids if v not in (ids[i], ids[j])] + [keep]
+            slots = np.array([self._slot[i] for i in ids])
 
     def _move(self, x: np.ndarray, src: np.ndarray, dst: np.ndarray, weight: np.ndarray) -> None:
         """Move remembered samples' contributions (weight, in stored units) between clusters."""
         wx = (x * weight[:, None]).astype(np.float32)
-        np.subtract.at(self._sums, src, wx)
-        np.add.at(self._sums, dst, wx)
-        np.subtract.at(self._counts, src, weight)
-        np.add.at(self._counts, dst, weight)
-        np.subtract.at(self._seen, src, 1)
-        np.add.at(self._seen, dst, 1)
+        both = np.concatenate([src, dst])  # every subtraction first, then every addition, as
+        # separate subtract.at / add.at calls would do them (a - w == a + (-w) exactly)
+        np.add.at(self._sums, both, np.concatenate([-wx, wx]))
+        np.add.at(self._counts, both, np.concatenate([-weight, weight]))
+        np.add.at(self._seen, both, np.repeat(np.array([-1, 1]), len(src)))
         old = self._search[src]  # a copy (fancy indexing), taken before the prototypes move
-        changed = _distinct(np.concatenate([src, dst]), self._n)
+        changed = _distinct(both, self._n)
         self._refresh_rows(changed)
         # widths: a sample's distance to its old prototype leaves with it, to its new one arrives
         new = self._search[dst]
-        np.subtract.at(self._spread, src, weight * ((x - old) ** 2).sum(1))
-        np.add.at(self._spread, dst, weight * ((x - new) ** 2).sum(1))
+        np.add.at(self._spread, both, np.concatenate([-(weight * ((x - old) ** 2).sum(1)),
+                                                     weight * ((x - new) ** 2).sum(1)]))
         # rounding may leave a drained cluster slightly below zero (no other row changed)
         self._spread[changed] = np.maximum(self._spread[changed], 0.0)
         self._seen[changed] = np.maximum(self._seen[changed], 0)
@@ -1030,7 +1051,8 @@ class StreamClusterer:
         """_refresh for many slots at once (without touching a batch's scores)."""
         sums = self._sums[idx]
         if self.distance == "cosine":
-            self._search[idx] = sums / np.maximum(np.linalg.norm(sums, axis=1), 1e-30)[:, None]
+            # np.linalg.norm(sums, axis=1) computes exactly this, with ~5 us of checks around it
+            self._search[idx] = sums / np.maximum(np.sqrt(np.add.reduce(sums * sums, axis=1)), 1e-30)[:, None]
             self._sqn[idx] = 1.0
         else:
             means = sums / self._counts[idx][:, None]
@@ -1055,15 +1077,23 @@ class StreamClusterer:
 
 
 def _two_means_each(x: np.ndarray, groups: list[np.ndarray], iters: int = 8) -> tuple[list[np.ndarray], np.ndarray]:
-    """2-means inside each group of rows of x, all groups at once (their rows concatenated, sums
-    by np.add.reduceat). Each starts from the member farthest from the group mean and the member
-    farthest from that one, so the result is deterministic. Returns, per group, a boolean mask of
-    the second half, and the squared distance between the halves' means (0 if a half is empty)."""
+    """2-means inside each group of rows of x (see _two_means). Returns, per group, a boolean mask
+    of the second half, and the squared distance between the halves' means (0 if a half is empty)."""
     sizes = np.array([len(g) for g in groups])
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    group = np.repeat(np.arange(len(groups)), sizes)
-    X = x[np.concatenate(groups)]
-    n = sizes.astype(x.dtype)[:, None]
+    mask, gap = _two_means(x[np.concatenate(groups)], sizes, iters)
+    starts = np.cumsum(sizes) - sizes
+    return [mask[s:s + k] for s, k in zip(starts.tolist(), sizes.tolist())], gap
+
+
+def _two_means(X: np.ndarray, sizes: np.ndarray, iters: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """2-means inside each group of consecutive rows of X (``sizes`` rows each), all groups at
+    once (sums by np.add.reduceat). Each starts from the member farthest from the group mean and
+    the member farthest from that one, so the result is deterministic. Returns a boolean mask over
+    the rows (the second half of each group) and per group the squared distance between the
+    halves' means (0 if a half is empty)."""
+    starts = np.cumsum(sizes) - sizes
+    group = np.repeat(np.arange(len(sizes)), sizes)
+    n = sizes.astype(X.dtype)[:, None]
     total = np.add.reduceat(X, starts)
 
     def farthest(c):  # per group, the (first) member farthest from c[group]
@@ -1080,13 +1110,13 @@ def _two_means_each(x: np.ndarray, groups: list[np.ndarray], iters: int = 8) -> 
         if mask is not None and (new == mask).all():
             break
         mask = new
-        nb = np.add.reduceat(mask.astype(x.dtype), starts)[:, None]
+        nb = np.add.reduceat(mask.astype(X.dtype), starts)[:, None]
         sb = np.add.reduceat(X * mask[:, None], starts)
         a = (total - sb) / np.maximum(n - nb, 1)
         b = sb / np.maximum(nb, 1)
     nb = np.add.reduceat(mask.astype(np.int64), starts)
     gap = np.where((nb > 0) & (nb < sizes), ((a - b) ** 2).sum(1), 0.0)
-    return [mask[s:s + k] for s, k in zip(starts.tolist(), sizes.tolist())], gap
+    return mask, gap
 
 
 def _distinct(slots: np.ndarray, n: int) -> np.ndarray:
