@@ -286,6 +286,7 @@ class StreamClusterer:
         self._mem_len = self._mem_pos = 0
         self._pending = 0
         self._kept = self._batch_step = 0  # see _fit_batch
+        self._powers, self._powers_of = None, None  # see _decay_powers
 
     @property
     def n_clusters(self) -> int:
@@ -560,12 +561,19 @@ class StreamClusterer:
 
     def _prepare(self, X) -> np.ndarray:
         """Validated float32 rows in the device space, always a new array (rows are kept)."""
-        x = validate_embeddings(X, self.dim)
         if self.distance == "cosine":
-            norms = np.linalg.norm(x, axis=1, keepdims=True)
-            if (norms < 1e-12).any():
+            x = validate_embeddings(X, self.dim, check_finite=False)
+            # the norms as np.linalg.norm(x, axis=1, keepdims=True) computes them, without its
+            # ~10 us of checks; NaN or inf in x shows in their sum (an overflow of finite values
+            # too, so the exact check decides)
+            sq = np.add.reduce(x * x, axis=1, keepdims=True)
+            if not math.isfinite(np.add.reduce(sq, axis=None)) and not np.isfinite(x).all():
+                raise InputError("embeddings contain NaN or infinite values")
+            norms = np.sqrt(sq)
+            if np.minimum.reduce(norms, axis=None) < 1e-12:  # in float32, as (norms < 1e-12).any()
                 raise InputError("an all-zero embedding has no direction for cosine distance")
             return x / norms
+        x = validate_embeddings(X, self.dim)
         # x is X, or a view of X's memory (an ndarray's rows, a torch tensor, a memoryview): copy
         return x.copy() if x is X or x.base is not None else x
 
@@ -585,16 +593,18 @@ class StreamClusterer:
         Instead of one matrix-vector product per sample, the batch's scores against every
         prototype are computed once (a matrix product) and each change to a prototype rewrites
         its column for the rows still to come, so every sample still meets the prototypes exactly as
-        they are when it arrives."""
+        they are when it arrives. (The column is one product over all the rows still to come, never
+        row by row: BLAS rounds a row's product differently depending on where it sits in the
+        call, and the results are kept bit for bit.)"""
         n_rows = len(x)
-        decay = self.decay
         if self._cscale < 1e-10:  # with <= 1e-10 more per chunk, stored values stay < 1e20 x real ones
             self._renormalise()
         # the scale each sample is learned at, and the sample pre-scaled for adding to a sum
-        scales = self._cscale * decay ** np.arange(1, n_rows + 1, dtype=np.float64)
+        scales = self._cscale * self._decay_powers(n_rows)
         inv = 1.0 / scales
         xs = (x * inv[:, None]).astype(np.float32)
-        xx = (x * x).sum(1).tolist()
+        cosine = self.distance == "cosine"
+        xx = None if cosine else (x * x).sum(1).tolist()
         inv_list = inv.tolist()
         # The winner moves towards x, so |p_j' - p_k| >= |x - p_k| - |x - p_j| (triangle inequality):
         # when that bound already exceeds the merge distance, the exact check is skipped.
@@ -606,11 +616,15 @@ class StreamClusterer:
         if n:
             self._rescore(x, n)
         out = []
-        cosine = self.distance == "cosine"
+        append = out.append
         t, tau, merge, refine_every = self.temperature, self.threshold, self.merge_threshold, self.refine_every
+        exp, sqrt, inf = math.exp, math.sqrt, math.inf
+        new_tuple = tuple.__new__  # what Assignment(...) calls, without its Python-level __new__
         scales_list = scales.tolist()
         scores = self._scores
-        inf = math.inf
+        labels = self._labels  # a list changed in place, never replaced
+        # the state arrays, as locals; _open may grow (replace) them, so they are fetched again then
+        sums, counts, spread, seen, last, search, sqn, ids = self._arrays()
         # Rows are remembered (for the repair) in bulk: rows _kept..i-1 of this batch are not in
         # the ring yet; their Assignments hold their cluster ids, and row r was learned at step
         # _batch_step + r.
@@ -620,25 +634,27 @@ class StreamClusterer:
                 if refine_every and self._pending + i - self._kept >= refine_every:
                     self._row = i
                     scores = self._repair_in_batch(n_rows, out)
-                self._row = i + 1
+                    sums, counts, spread, seen, last, search, sqn, ids = self._arrays()
+                self._row = r = i + 1
                 step = self._step
                 self._step = step + 1
                 self._cscale = scales_list[i]
                 n = self._n
                 if n == 0:
                     slot = self._open(x[i], 1.0)
-                    out.append(Assignment(int(self._ids[slot]), inf, 1.0, True, None))
+                    sums, counts, spread, seen, last, search, sqn, ids = self._arrays()
+                    append(new_tuple(Assignment, (ids.item(slot), inf, 1.0, True, None)))
                     continue
                 row = scores[i, :n]
                 # d = |x|^2 - 2 (x.p - |p|^2/2); for cosine the constant -1/2 is dropped: d = 2 - 2 x.p
-                j = int(row.argmax())
-                dj = (2.0 - 2.0 * float(row[j])) if cosine else (xx[i] - 2.0 * float(row[j]))
+                j = row.argmax().item()
+                dj = (2.0 - 2.0 * row.item(j)) if cosine else (xx[i] - 2.0 * row.item(j))
                 if dj < 0.0:
                     dj = 0.0
                 if n > 1:
                     row[j] = -inf  # this row is never read again
-                    k = int(row.argmax())
-                    dk = (2.0 - 2.0 * float(row[k])) if cosine else (xx[i] - 2.0 * float(row[k]))
+                    k = row.argmax().item()
+                    dk = (2.0 - 2.0 * row.item(k)) if cosine else (xx[i] - 2.0 * row.item(k))
                     if dk < 0.0:
                         dk = 0.0
                 else:
@@ -646,36 +662,36 @@ class StreamClusterer:
                 if dj > tau:
                     conf = self._confidence(dj, dk, True)
                     slot = self._open(x[i], 1.0)
-                    out.append(Assignment(int(self._ids[slot]), dj, conf, True, None))
+                    sums, counts, spread, seen, last, search, sqn, ids = self._arrays()
+                    append(new_tuple(Assignment, (ids.item(slot), dj, conf, True, None)))
                     continue
-                conf = 1.0 / (1.0 + (math.exp(t * (dj - dk)) if k >= 0 else 0.0) + math.exp(t * (dj - tau)))
-                result = Assignment(int(self._ids[j]), dj, conf, False, self._labels[j])
+                conf = 1.0 / (1.0 + (exp(t * (dj - dk)) if k >= 0 else 0.0) + exp(t * (dj - tau)))
+                result = new_tuple(Assignment, (ids.item(j), dj, conf, False, labels[j]))
                 # learn: add the pre-scaled sample to the winner's sum, then _refresh(j), inlined
-                m = self._sums[j]
+                m = sums[j]
                 m += xs[i]
-                self._counts[j] += inv_list[i]
-                self._spread[j] += inv_list[i] * dj
-                self._seen[j] += 1
-                self._last[j] = step
-                p = self._search[j]
+                w = inv_list[i]
+                counts[j] += w
+                spread[j] += w * dj
+                seen[j] += 1
+                last[j] = step
+                p = search[j]
                 if cosine:
-                    np.multiply(m, 1.0 / math.sqrt(float(m.dot(m))), out=p)
+                    np.multiply(m, 1.0 / sqrt(float(m.dot(m))), out=p)
                 else:
-                    np.multiply(m, 1.0 / self._counts[j], out=p)
-                    self._sqn[j] = float(p.dot(p))
-                r = i + 1
+                    np.multiply(m, 1.0 / counts[j], out=p)
+                    sqn[j] = float(p.dot(p))
                 if r < n_rows:
                     col = x[r:].dot(p)  # .dot: the same BLAS call as @, with less overhead
                     if not cosine:
-                        col -= 0.5 * self._sqn[j]
+                        col -= 0.5 * sqn[j]
                     scores[r:, j] = col
-                if k >= 0 and merge > 0 and math.sqrt(dk) - math.sqrt(dj) < root_merge:
+                if k >= 0 and merge > 0 and sqrt(dk) - sqrt(dj) < root_merge:
                     # the exact prototype distance first (one dot product), the rules only if close
-                    q = self._search[k]
-                    pq = float(p.dot(q))
-                    if self._sqn[j] + self._sqn[k] - 2.0 * pq < merge:
+                    pq = float(p.dot(search[k]))
+                    if sqn[j] + sqn[k] - 2.0 * pq < merge:
                         self._maybe_merge(j, k)
-                out.append(result)
+                append(result)
             if refine_every and self._pending + n_rows - self._kept >= refine_every:
                 self._row = n_rows
                 self._repair_in_batch(n_rows, out)
@@ -684,6 +700,21 @@ class StreamClusterer:
             self._scores = self._xb = None
             self._row = 0
         return out
+
+    def _arrays(self) -> tuple:
+        """The per-slot arrays _fit_batch reads and writes (_grow replaces them)."""
+        return (self._sums, self._counts, self._spread, self._seen, self._last, self._search,
+                self._sqn, self._ids)
+
+    def _decay_powers(self, n: int) -> np.ndarray:
+        """decay ** (1..n) from a table: numpy's power is elementwise, so a slice of the table
+        holds the very numbers computing them for each batch would give (checked for every
+        length up to _CHUNK), without two array operations per call."""
+        table = self._powers
+        if table is None or len(table) < n or self._powers_of != self.decay:
+            table = self._powers = self.decay ** np.arange(1, max(n, _CHUNK) + 1, dtype=np.float64)
+            self._powers_of = self.decay
+        return table[:n]
 
     def _remember_rows(self, out: list[Assignment]) -> None:
         """Write the batch's rows learned since the last call (one per Assignment in ``out``
@@ -695,11 +726,13 @@ class StreamClusterer:
         self._pending += b - a
         mem = self.memory
         a = max(a, b - mem)  # only the newest `memory` rows stay
-        pos = (self._mem_pos + np.arange(b - a)) % mem
+        start = self._mem_pos
+        # a slice of the ring unless the rows wrap around its end (cheaper than an index array)
+        pos = slice(start, start + b - a) if start + b - a <= mem else (start + np.arange(b - a)) % mem
         self._mem_x[pos] = self._xb[a:b]
-        self._mem_id[pos] = [r.cluster_id for r in out[a:b]]
+        self._mem_id[pos] = [r[0] for r in out[a:b]]  # r.cluster_id
         self._mem_step[pos] = np.arange(self._batch_step + a, self._batch_step + b)
-        self._mem_pos = (self._mem_pos + b - a) % mem
+        self._mem_pos = (start + b - a) % mem
         self._mem_len = min(self._mem_len + b - a, mem)
 
     def _repair_in_batch(self, n_rows: int, out: list[Assignment]) -> np.ndarray:
@@ -1110,8 +1143,9 @@ def _two_means(X: np.ndarray, sizes: np.ndarray, iters: int = 8) -> tuple[np.nda
         if mask is not None and (new == mask).all():
             break
         mask = new
-        nb = np.add.reduceat(mask.astype(X.dtype), starts)[:, None]
-        sb = np.add.reduceat(X * mask[:, None], starts)
+        maskf = mask.astype(X.dtype)  # X * mask would cast the booleans inside the product, slower
+        nb = np.add.reduceat(maskf, starts)[:, None]
+        sb = np.add.reduceat(X * maskf[:, None], starts)
         a = (total - sb) / np.maximum(n - nb, 1)
         b = sb / np.maximum(nb, 1)
     nb = np.add.reduceat(mask.astype(np.int64), starts)

@@ -34,8 +34,11 @@ def validate_pixels(pixels, channels: int, height: int, width: int) -> np.ndarra
     return np.ascontiguousarray(arr)
 
 
-def validate_embeddings(x, dim: int) -> np.ndarray:
-    """Return ``x`` as float32 [N, dim] or raise InputError (shape, dtype, empty, NaN/inf)."""
+def validate_embeddings(x, dim: int, check_finite: bool = True) -> np.ndarray:
+    """Return ``x`` as float32 [N, dim] or raise InputError (shape, dtype, empty, NaN/inf).
+
+    ``check_finite=False`` leaves the NaN/inf check to the caller (the clusterer folds it into
+    the row norms it computes anyway: a call on a few rows is mostly such fixed costs)."""
     arr = np.asarray(x)
     if arr.ndim == 1:
         arr = arr[None]
@@ -43,9 +46,11 @@ def validate_embeddings(x, dim: int) -> np.ndarray:
         raise InputError(f"embeddings must be shaped [N, {dim}], got {list(np.shape(x))}")
     if arr.shape[0] == 0:
         raise InputError("empty batch: no embeddings given")
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+    # dtype kinds f/i/u are floats and integers; np.issubdtype (~2 us each) decides the rest
+    if arr.dtype.kind not in "fiu" and not (np.issubdtype(arr.dtype, np.floating)
+                                            or np.issubdtype(arr.dtype, np.integer)):
         raise InputError(f"embeddings must be floating point, got {arr.dtype}")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(arr).all():
+    if check_finite and not np.isfinite(arr).all():
         raise InputError("embeddings contain NaN or infinite values")
     return arr
