@@ -42,7 +42,18 @@ def parse_npy(body: bytes, max_images: int) -> np.ndarray:
         raise InputError(f"unsupported .npy format version {major}.{body[7]}")
     if offset > min(len(body), MAX_NPY_HEADER + 12):
         raise InputError("malformed .npy header (longer than the body or the limit)")
-    shape, fortran, dtype = _npy_header(bytes(body[:offset]))
+    shape, order, count = _npy_layout(bytes(body[:offset]), max_images)
+    if len(body) - offset != count:
+        raise InputError(f"the .npy header promises {count} bytes of pixels, the body has {len(body) - offset}")
+    return np.ndarray(shape, np.uint8, body, offset, order=order)
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_layout(header: bytes, max_images: int) -> tuple[tuple, str, int]:
+    """(shape, memory order, byte count) of the pixels an accepted .npy header describes, or
+    InputError. Cached with the header: each request of a client repeats the same few, and these
+    checks cost as much as the rest of parse_npy (an error is not cached: it is raised again)."""
+    shape, fortran, dtype = _npy_header(header)
     if dtype.hasobject:
         raise InputError("object arrays are refused (no pickle)")
     if dtype != np.uint8:
@@ -54,10 +65,7 @@ def parse_npy(body: bytes, max_images: int) -> np.ndarray:
     count = 1
     for s in shape:
         count *= int(s)
-    if len(body) - offset != count:
-        raise InputError(f"the .npy header promises {count} bytes of pixels, the body has {len(body) - offset}")
-    arr = np.frombuffer(body, dtype=np.uint8, count=count, offset=offset)
-    return arr.reshape(shape, order="F" if fortran else "C")
+    return tuple(int(s) for s in shape), "F" if fortran else "C", count
 
 
 @functools.lru_cache(maxsize=256)
