@@ -1143,9 +1143,8 @@ def _two_means(X: np.ndarray, sizes: np.ndarray, iters: int = 8) -> tuple[np.nda
         if mask is not None and (new == mask).all():
             break
         mask = new
-        maskf = mask.astype(X.dtype)  # X * mask would cast the booleans inside the product, slower
-        nb = np.add.reduceat(maskf, starts)[:, None]
-        sb = np.add.reduceat(X * maskf[:, None], starts)
+        nb = np.add.reduceat(mask.astype(X.dtype), starts)[:, None]
+        sb = np.add.reduceat(X * mask[:, None], starts)
         a = (total - sb) / np.maximum(n - nb, 1)
         b = sb / np.maximum(nb, 1)
     nb = np.add.reduceat(mask.astype(np.int64), starts)
