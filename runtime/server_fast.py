@@ -38,6 +38,7 @@ one at a time; each is admitted when it reaches the front.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -86,11 +87,18 @@ _date = _Date()
 
 
 def _response(status: int, body: bytes, extra: tuple = ()) -> bytes:
-    head = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, "Error").encode()),
-            b"Content-Type: application/json; charset=utf-8", b"Content-Length: %d" % len(body),
-            b"Date: " + _date.get(), b"Server: protoedge"]
-    head += [f"{k}: {v}".encode() for k, v in extra]
-    return b"\r\n".join(head) + b"\r\n\r\n" + body
+    """The whole answer, one bytes object: status line, Content-Type, Content-Length, Date,
+    Server, the extra headers, the body."""
+    extras = b"".join(f"{k}: {v}\r\n".encode() for k, v in extra) if extra else b""
+    return b"%s%d\r\nDate: %s\r\nServer: protoedge\r\n%s\r\n%s" % (
+        _status_head(status), len(body), _date.get(), extras, body)
+
+
+@functools.lru_cache(maxsize=None)
+def _status_head(status: int) -> bytes:
+    """The answer's first lines up to the Content-Length value (the same for every answer of a status)."""
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: "
+            % (status, _REASONS.get(status, "Error").encode()))
 
 
 _ASSIGNMENT = '{"cluster_id": %d, "distance": %s, "confidence": %s, "new_cluster": %s, "label": %s}'
