@@ -72,8 +72,7 @@ def register(main: click.Group, bench: click.Group) -> None:
                    "aiohttp (--no-fast-path: every request through aiohttp's handler).")
 @click.option("--sync-thread/--no-sync-thread", default=True, show_default=True,
               help="With --fsync always, fdatasync each applied micro-batch and answer it on a thread of its "
-                   "own while the worker goes on with the next batch, whenever fdatasyncs take 1 ms or more "
-                   "on average (shorter ones run where the batch was applied); --no-sync-thread: always there.")
+                   "own while the worker goes on with the next batch (--no-sync-thread: the worker waits).")
 @click.option("--threshold", type=float, default=None,
               help="New-cluster distance [default: from the bundle's calibration].")
 @click.option("--max-clusters", type=click.IntRange(1, None), default=1000, show_default=True)

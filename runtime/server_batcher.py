@@ -51,13 +51,6 @@ class _Call:
 
 
 _END = object()  # the last item for the sync thread
-# With commit, a batch is committed on the thread that applied it (the event loop with the
-# pipeline) while commits take less than this on average and the sync thread has nothing in hand:
-# handing a batch to the sync thread and its answers back costs two thread wake-ups and two GIL
-# hand-overs, more than a short fdatasync blocks (on the 2-core VM: 10% less server CPU per image
-# at 16 clients, same images/s). Slower storage (flash cards, busy disks) uses the sync thread, so
-# that the loop keeps reading requests while the disk works.
-INLINE_COMMIT_S = 0.001
 # pipeline: batches embedded ahead of the event loop's apply, at most (one being applied, one ready:
 # the encoder never waits for the loop, and a batch is never embedded long before it is applied)
 AHEAD = 2  # encoder stage -> state stage: nothing follows
@@ -79,10 +72,9 @@ class Worker:
         commit: None, or a function that makes every update applied so far durable (fdatasync);
         apply() then does not commit, and a sync thread commits each applied batch and answers it
         afterwards, while the worker already embeds and applies the next one (group commit over
-        whatever batches were applied meanwhile), unless commits are short (INLINE_COMMIT_S):
-        the thread that applied the batch then commits it itself. No answer leaves before its
-        commit; calls run only once every applied batch is committed, so they never see an update
-        that could still be lost."""
+        whatever batches were applied meanwhile). No answer leaves before its commit; calls run
+        only once every applied batch is committed, so they never see an update that could
+        still be lost."""
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and max_queue must be >= 1, max_wait_ms >= 0")
         self.loop, self.embed, self.apply, self.on_batch = loop, embed, apply, on_batch
@@ -104,7 +96,6 @@ class Worker:
         self._hcv = threading.Condition(threading.Lock())
         self._ahead = 0  # pipeline: batches embedded and handed to the event loop, not applied yet
         self.commit = commit
-        self.commit_ewma = 0.0  # seconds per commit, moving average (picks inline or sync thread)
         self._syncq: collections.deque = collections.deque()  # applied batches waiting for a commit
         self._scv = threading.Condition(threading.Lock())
         self._sync_busy = False
@@ -290,33 +281,15 @@ class Worker:
 
     def _apply(self, batch, emb, t0: float, on_loop: bool = False) -> None:
         results = self._results(batch, emb)
-        if self.commit is not None:
-            with self._scv:
-                inline = self.commit_ewma < INLINE_COMMIT_S and not self._syncq and not self._sync_busy
-                if not inline:
-                    self._syncq.append((batch, results, t0))
-                    self._scv.notify_all()
-                    return
-            results = self._commit_now(results)
-        if on_loop:
-            self._answer(batch, results, time.perf_counter() - t0)
-        else:
-            self._deliver(self._answer, batch, results, time.perf_counter() - t0)
-
-    def _commit_now(self, results: list) -> list:
-        """Commit on this thread (a short fdatasync, see INLINE_COMMIT_S); the batch's results, or
-        the commit's error for each request that succeeded."""
-        t = time.perf_counter()
-        try:
-            self.commit()
-        except Exception as e:  # noqa: BLE001 (the disk failed: every request of the batch learns it)
-            log.exception("commit of a micro-batch failed")
-            results = [r if isinstance(r, BaseException) else e for r in results]
-        self._timed_commit(time.perf_counter() - t)
-        return results
-
-    def _timed_commit(self, seconds: float) -> None:
-        self.commit_ewma += (seconds - self.commit_ewma) / 8
+        if self.commit is None:
+            if on_loop:
+                self._answer(batch, results, time.perf_counter() - t0)
+            else:
+                self._deliver(self._answer, batch, results, time.perf_counter() - t0)
+            return
+        with self._scv:
+            self._syncq.append((batch, results, t0))
+            self._scv.notify_all()
 
     def _run_sync(self) -> None:
         """Sync thread: commit the applied batches (one commit for all waiting), then answer them."""
@@ -332,13 +305,11 @@ class Worker:
                 items.pop()
             error = None
             if items:
-                t = time.perf_counter()
                 try:
                     self.commit()
                 except Exception as e:  # noqa: BLE001 (the disk failed: every waiting request learns it)
                     log.exception("commit of %d micro-batches failed", len(items))
                     error = e
-                self._timed_commit(time.perf_counter() - t)
             for batch, results, t0 in items:
                 if error is not None:
                     results = [r if isinstance(r, BaseException) else error for r in results]
