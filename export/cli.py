@@ -6,9 +6,11 @@ import click
 
 def _precisions(ctx, param, value: str) -> tuple[str, ...]:
     items = tuple(dict.fromkeys(v.strip().lower() for v in value.split(",") if v.strip()))
-    bad = [v for v in items if v not in ("fp32", "fp16", "int8")]
+    from protoedge.runtime.bundle import PRECISIONS
+
+    bad = [v for v in items if v not in PRECISIONS]
     if bad:
-        raise click.BadParameter(f"unknown precision {', '.join(bad)} (choose from fp32, fp16, int8)")
+        raise click.BadParameter(f"unknown precision {', '.join(bad)} (choose from {', '.join(PRECISIONS)})")
     if "fp32" not in items:
         items = ("fp32", *items)  # the reference variant is always shipped
     return items
@@ -19,8 +21,9 @@ def register(main: click.Group, bench: click.Group) -> None:
     @click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
     @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
                   help="Bundle directory to write (an existing bundle there is replaced).")
-    @click.option("--precision", default="fp32,fp16,int8", show_default=True, callback=_precisions,
-                  help="Comma-separated variants; fp32 is always included.")
+    @click.option("--precision", default="fp32,fp16,int8,int8-cpu", show_default=True, callback=_precisions,
+                  help="Comma-separated variants; fp32 is always included. int8: symmetric Q/DQ for "
+                       "TensorRT; int8-cpu: uint8 activations for ONNX Runtime on CPUs.")
     @click.option("--calib", metavar="DATA", default=None,
                   help="Unlabelled images for INT8 and distance calibration: a protocol part such as "
                        "'omniglot-a:train', a folder, or an .npz/.npy file. Default: the training protocol's train part.")

@@ -28,13 +28,14 @@ from .whitening import RULE_FACTOR as WHITENED_RULE_FACTOR, SHRINKAGE, maybe_whi
 log = logging.getLogger(__name__)
 
 # Largest accuracy loss (percentage points, 5-way 1-shot) a reduced-precision variant may have.
-MAX_ACC_DROP = {"fp16": 0.5, "int8": 1.0}
-VARIANT_FILES = {"fp32": "encoder.fp32.onnx", "fp16": "encoder.fp16.onnx", "int8": "encoder.int8.onnx"}
+MAX_ACC_DROP = {"fp16": 0.5, "int8": 1.0, "int8-cpu": 1.0}
+VARIANT_FILES = {"fp32": "encoder.fp32.onnx", "fp16": "encoder.fp16.onnx", "int8": "encoder.int8.onnx",
+                 "int8-cpu": "encoder.int8-cpu.onnx"}
 
 
 @dataclass
 class ExportOptions:
-    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8", "int8-cpu")
     calib: str | None = None  # unlabelled images: "protocol:part" or a path; default the training data
     eval: str | None = None  # labelled images of novel classes; default the protocol's test part
     eval_classes: int | None = None  # use only the first K classes of the eval set (quick runs)
@@ -185,16 +186,19 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
 
         variants, rejected = {}, {}
         base = None
-        for precision in ("fp32", "fp16", "int8"):
+        int8_calib = None  # both INT8 forms are calibrated on the same images
+        for precision in VARIANT_FILES:
             if precision not in opts.precisions:
                 continue
             path = staging / VARIANT_FILES[precision]
             if precision == "fp16":
                 to_fp16(fp32_path, path)
                 steps("fp16 converted")
-            elif precision == "int8":
-                to_int8(fp32_path, path, _sample(calib_set.images, opts.int8_calib_images, rng))
-                steps("int8 quantised")
+            elif precision in ("int8", "int8-cpu"):
+                if int8_calib is None:
+                    int8_calib = _sample(calib_set.images, opts.int8_calib_images, rng)
+                to_int8(fp32_path, path, int8_calib, target="cpu" if precision == "int8-cpu" else "tensorrt")
+                steps(f"{precision} quantised")
             stats = parity if precision == "fp32" else compare(torch_ref, run_onnx(path, parity_images))
             acc = measure.accuracy_5w1s(run_onnx(path, eval_set.images), eval_set.labels, distance,
                                         opts.episodes, opts.seed)
@@ -266,10 +270,13 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
 
 
 def _build_engines(result: ExportResult, opts: ExportOptions) -> None:
+    from protoedge.runtime.tensorrt_build import PRECISIONS as TENSORRT_PRECISIONS
     from protoedge.runtime.tensorrt_build import EngineBuildError, TensorRTUnavailable, build_or_load_engine
 
     engine_dir = opts.engine_dir or (result.bundle.root / "engines")
     for precision in result.bundle.precisions:
+        if precision not in TENSORRT_PRECISIONS:  # int8-cpu: asymmetric INT8, which TensorRT rejects
+            continue
         try:
             result.engines[precision] = build_or_load_engine(
                 result.bundle.onnx_path(precision), engine_dir, precision,

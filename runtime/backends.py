@@ -73,6 +73,9 @@ class OrtEncoder:
         self._pool = None
         path = Path(bundle.onnx_path(precision))
         wanted = _EP[backend]
+        if backend == "ort-tensorrt" and precision == "int8-cpu":
+            raise BackendUnavailable("TensorRT does not accept int8-cpu's asymmetric INT8 activations; "
+                                     "use the int8 variant with ort-tensorrt")
         if wanted not in ort.get_available_providers():
             raise BackendUnavailable(f"backend {backend!r} needs ONNX Runtime's {wanted}, which this "
                                      f"onnxruntime build lacks (has: {', '.join(ort.get_available_providers())})")

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu")  # int8-cpu: see export/precision.py
 DISTANCES = ("cosine", "sqeuclidean")
 
 # Archive limits: a bundle of a few small encoders is megabytes; anything far bigger is not ours.

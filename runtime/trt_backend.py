@@ -18,6 +18,11 @@ class TensorRTEncoder:
     backend = "tensorrt"
 
     def __init__(self, bundle, precision: str = "fp32", cache_dir: Path | None = None, max_batch: int = 256):
+        from .tensorrt_build import PRECISIONS
+
+        if precision not in PRECISIONS:  # int8-cpu: asymmetric activations, which TensorRT rejects
+            raise BackendUnavailable(f"TensorRT takes the {', '.join(PRECISIONS)} variants, not {precision!r} "
+                                     f"(use int8 for INT8 on TensorRT)")
         try:
             import tensorrt as trt
         except ImportError as e:

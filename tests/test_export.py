@@ -69,15 +69,20 @@ def test_onnx_graph_follows_the_contract(exported, test_images):
 
 def test_reduced_precision_variants(exported, test_images):
     b = exported.bundle
-    assert b.precisions == ["fp32", "fp16", "int8"]
+    assert b.precisions == ["fp32", "fp16", "int8", "int8-cpu"]
     ref = run_onnx(b.onnx_path("fp32"), test_images)
     fp16 = onnx.load(str(b.onnx_path("fp16")))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.graph.initializer)
-    int8 = onnx.load(str(b.onnx_path("int8")))
-    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in int8.graph.node}
+    # activations: symmetric int8 for TensorRT, asymmetric uint8 (ONNX Runtime's fast CPU form) for int8-cpu
+    for p, act in (("int8", onnx.TensorProto.INT8), ("int8-cpu", onnx.TensorProto.UINT8)):
+        g = onnx.load(str(b.onnx_path(p))).graph
+        assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in g.node}
+        zero_points = {t.name: t for t in g.initializer}
+        q_types = {zero_points[n.input[2]].data_type for n in g.node if n.op_type == "QuantizeLinear"}
+        assert q_types == {act}, p
     sizes = {p: b.manifest["files"][b.manifest["variants"][p]["file"]]["bytes"] for p in b.precisions}
-    assert sizes["int8"] < sizes["fp16"] < sizes["fp32"]
-    for p, min_cos in (("fp16", 0.999), ("int8", 0.99)):
+    assert sizes["int8"] < sizes["fp16"] < sizes["fp32"] and sizes["int8-cpu"] < sizes["fp16"]
+    for p, min_cos in (("fp16", 0.999), ("int8", 0.99), ("int8-cpu", 0.99)):
         got = run_onnx(b.onnx_path(p), test_images)  # same uint8 in, float32 out as FP32
         assert got.dtype == np.float32 and got.shape == ref.shape
         cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))

@@ -187,6 +187,21 @@ def test_unavailable_backend_is_a_clear_error_not_a_silent_cpu_fallback(bundle):
         open_encoder(bundle, backend="gpu")
 
 
+def test_cpu_int8_variant_embeds_like_fp32_and_tensorrt_refuses_it():
+    """The committed bundle's int8-cpu file (uint8 activations) runs on the CPU provider close to
+    FP32; the TensorRT paths refuse it by name instead of failing inside an engine build."""
+    b = load_bundle(REPO / "models" / "omniglot" / "bundle")
+    images = load_split("omniglot-a", "test").images[:64]
+    ref = open_encoder(b, backend="cpu").embed(images)
+    got = open_encoder(b, backend="cpu", precision="int8-cpu").embed(images)
+    cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+    assert got.shape == ref.shape and cos.min() > 0.99
+    assert b.manifest["variants"]["int8-cpu"]["acc_drop_vs_fp32"] <= 1.0
+    for backend in ("ort-tensorrt", "tensorrt"):
+        with pytest.raises(BackendUnavailable, match="int8"):
+            open_encoder(b, backend=backend, precision="int8-cpu")
+
+
 def test_gpu_providers_keep_engine_and_timing_caches_on_a_persistent_path(tmp_path):
     from protoedge.runtime.backends import OrtEncoder
 
