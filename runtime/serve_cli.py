@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-DEFAULT_PORT = 8470  # also in server.py; repeated so that this module imports only click
+from .bundle import PRECISIONS  # stdlib only
+
+DEFAULT_PORT = 8470  # also in server.py; repeated so that this module imports only click and the stdlib
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BUNDLE = REPO / "models" / "omniglot" / "bundle"
 
@@ -28,7 +30,8 @@ def register(main: click.Group, bench: click.Group) -> None:
               help="Folder for snapshots and the update log. Without it the clusters live in memory only.")
 @click.option("--backend", type=click.Choice(["auto", "cpu", "cuda", "tensorrt", "ort-tensorrt"]), default="auto",
               show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="Bundle variant: int8-cpu is the fast INT8 for ONNX Runtime on CPUs, int8 the one for TensorRT.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None,
               help="CPU inference threads [default: all cores but one, which the event loop uses].")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
