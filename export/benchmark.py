@@ -118,13 +118,22 @@ def render_markdown(r: dict) -> str:
             f"{b64['images_per_s']:.0f} | {v['b64_speedup_vs_fp32']:.2f} |")
     why = {"fp16": "ONNX Runtime's CPU provider has few float16 kernels and inserts casts around them",
            "int8": "the file uses symmetric signed int8 activations (the Q/DQ form TensorRT needs), whose extra "
-                   "Quantize/Dequantize work does not pay off on this CPU for a network this small"}
-    slower = [p for p, v in r["variants"].items() if p != "fp32" and v["b64_speedup_vs_fp32"] < 0.95]
+                   "Quantize/Dequantize work does not pay off on this CPU for a network this small",
+           "int8-cpu": "its uint8 activations suit ONNX Runtime's INT8 kernels on CPUs with VNNI or Arm dot "
+                       "products; this CPU gains nothing from them"}
+    others = [p for p in r["variants"] if p != "fp32"]
+    slower = [p for p in others if r["variants"][p]["b64_speedup_vs_fp32"] < 0.95]
+    faster = [p for p in others if r["variants"][p]["b64_speedup_vs_fp32"] >= 1.05]
     if slower:
         lines += ["", "On this CPU, at batch 64: " + "; ".join(
             f"{p} ran at {r['variants'][p]['b64_speedup_vs_fp32']:.2f}x FP32's throughput ({why[p]})" for p in slower)
-            + ". The reduced-precision files are meant for TensorRT on the device; on a CPU, FP32 is the "
-              "sensible choice here unless file size matters."]
+            + ". fp16 and int8 are meant for TensorRT on the device."]
+    if faster:
+        lines += ["", "Faster than FP32 on this CPU: " + "; ".join(
+            f"{p} {r['variants'][p]['b1_speedup_vs_fp32']:.2f}x at batch 1 and "
+            f"{r['variants'][p]['b64_speedup_vs_fp32']:.2f}x at batch 64" for p in faster)
+            + " (int8-cpu: asymmetric uint8 activations, the form ONNX Runtime's CPU INT8 kernels run fastest; "
+              "`--precision int8-cpu` in `protoedge cluster` and `protoedge serve`)."]
     if r["rejected_variants"]:
         lines += ["", "Refused variants:", ""] + [f"- {p}: {why}" for p, why in r["rejected_variants"].items()]
     sq, dq = cal["same_item_quantiles"], cal["different_item_quantiles"]
