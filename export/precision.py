@@ -3,8 +3,9 @@
 Two INT8 forms, because the two consumers want different ones: ``int8`` has symmetric signed int8
 activations, the only form TensorRT accepts; ``int8-cpu`` has asymmetric unsigned int8 activations
 (signed weights), the "u8s8" form ONNX Runtime's CPU kernels run fastest (VNNI on x86, dot-product
-instructions on Arm). On the 2-core x86 CI machine the first ran at 0.95-1.04x FP32's speed and the
-second at 1.5x (batch 8) to 1.9x (batch 64), single-threaded sessions, measured side by side.
+instructions on Arm). On the 2-core x86 CI machine the first ran at 0.9-1.1x FP32's speed and the
+second at 1.5x (batch 1-8) to 1.9x (batch 64), single-threaded sessions, measured side by side
+(benchmarks/results/export.md).
 
 Precision lives in the graph, not in builder flags, so one file serves ONNX Runtime, TensorRT 10.x
 (strongly typed) and TensorRT 11.x (which removed the FP16/INT8 flags and INT8 calibrators).

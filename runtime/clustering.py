@@ -1109,15 +1109,6 @@ class StreamClusterer:
         return slot
 
 
-def _two_means_each(x: np.ndarray, groups: list[np.ndarray], iters: int = 8) -> tuple[list[np.ndarray], np.ndarray]:
-    """2-means inside each group of rows of x (see _two_means). Returns, per group, a boolean mask
-    of the second half, and the squared distance between the halves' means (0 if a half is empty)."""
-    sizes = np.array([len(g) for g in groups])
-    mask, gap = _two_means(x[np.concatenate(groups)], sizes, iters)
-    starts = np.cumsum(sizes) - sizes
-    return [mask[s:s + k] for s, k in zip(starts.tolist(), sizes.tolist())], gap
-
-
 def _two_means(X: np.ndarray, sizes: np.ndarray, iters: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """2-means inside each group of consecutive rows of X (``sizes`` rows each), all groups at
     once (sums by np.add.reduceat). Each starts from the member farthest from the group mean and

@@ -74,7 +74,8 @@ class Runtime:
         """Assign and learn (the stream path): the same as ``clusterer.partial_fit(embed(pixels))``,
         but on the CPU backend each piece of a batch of ``overlap_min`` or more images is clustered
         as soon as it is embedded, while the pool embeds the later pieces (clustering takes about a
-        fifth of the CPU time of a batch; overlapped, it runs on the core the encoder leaves idle).
+        sixth of the CPU time of a batch; overlapped, it fills the gaps between the pieces rather
+        than following the whole batch: batch 64 at 0.81x bare ONNX Runtime against 0.71x in turn).
         Pixels are checked before anything is embedded, and a piece that fails later undoes the
         pieces learned before it."""
         x = self.encoder.validate(pixels)

@@ -14,7 +14,7 @@ worker's wake-up and the answer's trip back), which on an idle CPU cost more tha
 load requests see each other (they yield once to the loop before deciding) and queue as usual, so
 batching is unchanged; the loop is blocked for one single-request encoder call and fsync at most.
 
-pipeline (off by default): the thread only embeds, and the event loop applies, logs and answers
+pipeline (on by default; --no-pipeline turns it off): the thread only embeds, and the event loop applies, logs and answers
 each batch while the thread embeds the next one. Batches are applied in the order they were taken
 (the loop runs the hand-offs in order) and inline requests run on the loop too, so the state
 still has one user at a time.
@@ -53,7 +53,7 @@ class _Call:
 _END = object()  # the last item for the sync thread
 # pipeline: batches embedded ahead of the event loop's apply, at most (one being applied, one ready:
 # the encoder never waits for the loop, and a batch is never embedded long before it is applied)
-AHEAD = 2  # encoder stage -> state stage: nothing follows
+AHEAD = 2
 
 
 class Worker:

@@ -180,14 +180,14 @@ def test_repair_keeps_known_classes_and_forgets_removed_clusters():
     assert c.stats["refinements"] == (len(x) - 2) // 10
 
 
-def test_two_means_each_matches_a_direct_two_means():
-    from protoedge.runtime.clustering import _two_means_each
+def test_two_means_per_group_matches_a_direct_two_means():
+    from protoedge.runtime.clustering import _two_means
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(50, D)).astype(np.float32)
     x[:20] += 3.0  # group 0 (rows 0-29) holds two clear halves: rows 0-19 and 20-29
-    far, gap = _two_means_each(x, [np.arange(0, 30), np.arange(30, 50)])
-    halves = {tuple(np.flatnonzero(far[0])), tuple(np.flatnonzero(~far[0]))}
+    far, gap = _two_means(x, np.array([30, 20]))
+    halves = {tuple(np.flatnonzero(far[:30])), tuple(np.flatnonzero(~far[:30]))}
     assert tuple(range(20)) in halves and tuple(range(20, 30)) in halves
     assert gap[0] == pytest.approx(float(((x[:20].mean(0) - x[20:30].mean(0)) ** 2).sum()), rel=1e-4)
     assert gap[0] > 10 * gap[1]
