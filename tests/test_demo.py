@@ -43,10 +43,14 @@ def _check_run_dir(out, output):
 @pytest.mark.slow
 def test_demo_pretrained_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    result = CliRunner().invoke(main, ["demo", "--pretrained", "--alphabets", "1", "--seed", "3", "--out", str(out)])
+    result = CliRunner().invoke(main, ["demo", "--pretrained", "--seed", "3", "--out", str(out)])
     assert result.exit_code == 0, result.output
     run = _check_run_dir(out, result.output)
     assert run["settings"]["pretrained"] is True and run["training"]["source"] == "committed"
+    # the default stream: 20 characters of many never-seen alphabets, the bundle's own threshold
+    assert run["summary"]["clusters_true"] == 20 and run["summary"]["images"] == 400
+    assert not run["settings"]["whole_alphabets"] and len(run["settings"]["alphabets"]) > 1
+    assert run["settings"]["threshold_rule"].startswith("the bundle's default")
 
 
 @pytest.mark.slow
@@ -86,6 +90,18 @@ def test_demo_trains_exports_and_reports_curves(tmp_path):
     assert (out / "metrics.jsonl").stat().st_size > 0 and (out / "figures" / "curves.png").is_file()
 
 
+def test_default_stream_is_characters_of_many_unseen_alphabets():
+    a, names_a, alph_a = unseen_stream(DemoOptions(out=None, seed=5))
+    b, names_b, _ = unseen_stream(DemoOptions(out=None, seed=5))
+    c, names_c, _ = unseen_stream(DemoOptions(out=None, seed=6))
+    assert names_a == names_b and np.array_equal(a.images, b.images) and names_c != names_a
+    assert len(names_a) == DemoOptions.characters == 20 and len(a) == 20 * 20
+    assert set(alph_a) == {n.split("/")[0] for n in names_a} and not set(alph_a) & TRAINING_ALPHABETS
+    assert len(alph_a) > 1  # drawn from all the unseen alphabets, not one
+    five, names5, _ = unseen_stream(DemoOptions(out=None, characters=5, seed=5))
+    assert len(names5) == 5 and len(five) == 100
+
+
 def test_stream_is_deterministic_per_seed_and_unseen():
     a, names_a, alph_a = unseen_stream(DemoOptions(out=None, alphabets=2, seed=5))
     b, _, alph_b = unseen_stream(DemoOptions(out=None, alphabets=2, seed=5))
@@ -98,6 +114,8 @@ def test_stream_is_deterministic_per_seed_and_unseen():
 
 @pytest.mark.parametrize("args, message", [
     (["--alphabets", "13"], "only 12 never-seen alphabets"),
+    (["--characters", "420"], "only 419 characters in never-seen alphabets"),
+    (["--characters", "0"], "--characters"),
     (["--time-budget", "soon"], "cannot read duration"),
     (["--batch", "0"], "--batch"),
     (["--threshold", "-1"], "--threshold"),
@@ -119,6 +137,9 @@ def test_demo_threshold_for_one_alphabet_streams():
     rule = SimpleNamespace(calibration={"new_cluster_threshold": 0.4, "cluster_threshold": {
         "value": 0.48, "chosen_by": "calibration rule"}}, output_spec={})
     assert demo_threshold(rule, None)[0] == pytest.approx(ALPHABET_THRESHOLD_FACTOR * 0.4) == pytest.approx(0.4)
+    # characters of many alphabets (the default stream): the bundle's own default, as the runtime's
+    assert demo_threshold(rule, None, whole_alphabets=False)[0] is None
+    assert demo_threshold(rule, 0.7, whole_alphabets=False) == (0.7, "--threshold")
     assert demo_threshold(rule, 0.7) == (0.7, "--threshold")
     # a whitened bundle's distances are spread differently: its own multiple of the midpoint
     white = SimpleNamespace(calibration=rule.calibration, output_spec={"whitening": {"applied": True}})
