@@ -267,7 +267,8 @@ def run_demo(opts: DemoOptions) -> Path:
     watch.step("verify_and_start", t)
 
     click.echo(f"[4/4] streaming {len(stream)} unlabelled images of {len(class_names)} never-seen "
-               f"characters ({len(alphabets)} alphabets: {', '.join(alphabets)}) in random order")
+               f"characters ({len(alphabets)} alphabet{'s' if len(alphabets) > 1 else ''}: {', '.join(alphabets)}) "
+               "in random order")
     t = time.perf_counter()
     assigned, latency = cluster_stream(rt, stream.images, opts.batch, opts.progress)
     watch.step("stream", t)
