@@ -114,20 +114,41 @@ def decode_pixels(body: bytes, content_type: str, input_spec: dict, max_images: 
     if not body:
         raise InputError("empty body: send an application/x-npy array or one image/png or image/jpeg")
     if content_type in NPY_TYPES:
+        if type(body) is bytes and body[6:7] == b"\x01":  # (the only .npy version numpy writes for these)
+            offset = 10 + int.from_bytes(body[8:10], "little")
+            key = (body[:offset], max_images, c, h, w)
+            known = _NPY_ACCEPTED.get(key)
+            if known is not None and len(body) == known[1]:
+                return np.ndarray(known[0], np.uint8, body, offset)
         pixels = parse_npy(body, max_images)
         # The common case, checked cheaply: parse_npy gave uint8, C order, the right image size.
         shape = pixels.shape
         if shape[0] and pixels.flags.c_contiguous:
-            if len(shape) == 4 and shape[1] == c and shape[2] == h and shape[3] == w:
-                return pixels
             if len(shape) == 3 and c == 1 and shape[1] == h and shape[2] == w:
-                return pixels.reshape(shape[0], 1, h, w)
+                pixels = pixels.reshape(shape[0], 1, h, w)
+            if pixels.ndim == 4 and pixels.shape[1:] == (c, h, w):
+                if type(body) is bytes and body[6:7] == b"\x01":
+                    _remember_npy(key, pixels.shape, len(body))
+                return pixels
     elif content_type in IMAGE_TYPES:
         pixels = parse_image(body, c, h, w)
     else:
         raise UnsupportedMediaType(f"unsupported Content-Type {content_type!r}; use application/x-npy, image/png "
                                    "or image/jpeg")
     return validate_pixels(pixels, c, h, w)
+
+
+# An accepted .npy header (with the limits and image size it was checked against) -> the shape
+# decode_pixels returned for it and the body length that goes with it. Clients repeat a few
+# headers, and this lookup replaces parse_npy's checks and the reshape (about 4 of the 5.5 us a
+# request spent here on the event loop). Headers only enter after passing every check.
+_NPY_ACCEPTED: dict = {}
+
+
+def _remember_npy(key: tuple, shape: tuple, body_length: int) -> None:
+    if len(_NPY_ACCEPTED) >= 256:
+        _NPY_ACCEPTED.clear()
+    _NPY_ACCEPTED[key] = (shape, body_length)
 
 
 def parse_json(body: bytes, max_bytes: int = 1 << 16) -> dict:

@@ -118,6 +118,21 @@ def _assignments_json(assignments) -> str:
     return "[" + ", ".join(parts) + "]"
 
 
+_ONE_CLUSTERED = ('{"assignments": [{"cluster_id": %d, "distance": %r, "confidence": %r, "new_cluster": %s, '
+                  '"label": null}], "seq": %d}')
+
+
+def _cluster_answer(assignments, seq: int) -> str:
+    """The /v1/cluster answer; one unlabelled image (the load's usual request) in one formatting
+    step, the same text as the general case."""
+    if len(assignments) == 1:
+        cid, dist, conf, new, label = assignments[0]
+        if (label is None and type(cid) is int and type(dist) is float and type(conf) is float
+                and type(new) is bool and math.isfinite(dist) and math.isfinite(conf) and type(seq) is int):
+            return _ONE_CLUSTERED % (cid, dist, conf, "true" if new else "false", seq)
+    return '{"assignments": %s, "seq": %d}' % (_assignments_json(assignments), seq)
+
+
 def _route(url: bytes):
     """The hot route an origin-form request target names exactly (no query, no fragment), or None
     (remembered per target: clients repeat the same two)."""
@@ -143,6 +158,24 @@ def _parse_route(url: bytes):
             or u.port is not None or u.userinfo is not None:
         return None
     return FAST_ROUTES.get(u.path)
+
+
+_OTHER, _CLEN, _CTYPE, _AUTH, _HANDED = "other", "content-length", "content-type", "authorization", "handed"
+# Header name as sent (any case) -> what on_header does with it. Remembered per name, as _route
+# does per target: clients send the same few names, and the lookup is cheaper than lowering and
+# comparing each one.
+_HEADER_KINDS: dict = {}
+
+
+def _header_kind(name: bytes) -> str:
+    lower = name.lower()
+    kind = (_CLEN if lower == b"content-length" else _CTYPE if lower == b"content-type"
+            else _AUTH if lower == b"authorization" else _HANDED if lower in _HANDED_HEADERS else _OTHER)
+    if len(name) <= 64:  # (the names worth remembering are short; a client's odd ones are not kept)
+        if len(_HEADER_KINDS) >= 256:
+            _HEADER_KINDS.clear()
+        _HEADER_KINDS[bytes(name)] = kind
+    return kind
 
 
 class _HandOver(Exception):
@@ -347,21 +380,25 @@ class FastHTTP(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_size += len(name) + len(value) + 4
-        name = name.lower()
-        if name == b"content-length":  # (llhttp refuses duplicates and non-digits itself)
+        kind = _HEADER_KINDS.get(name)
+        if kind is None:
+            kind = _header_kind(name)
+        if kind is _OTHER:
+            return
+        if kind is _CLEN:  # (llhttp refuses duplicates and non-digits itself)
             if self.clen is not None or not value.isdigit() or len(value) > 18:
                 self.odd = True
             else:
                 self.clen = int(value)
-        elif name == b"content-type":
+        elif kind is _CTYPE:
             if self.ctype is not None:
                 self.odd = True
             self.ctype = value
-        elif name == b"authorization":
+        elif kind is _AUTH:
             if self.auth is not None:
                 self.odd = True
             self.auth = value
-        elif name in _HANDED_HEADERS:
+        else:  # _HANDED
             self.odd = True
 
     def on_headers_complete(self) -> None:
@@ -503,7 +540,7 @@ class FastHTTP(asyncio.Protocol):
         else:
             if self.op == "cluster":
                 assignments, seq = result
-                doc = '{"assignments": %s, "seq": %d}' % (_assignments_json(assignments), seq)
+                doc = _cluster_answer(assignments, seq)
             else:
                 doc = '{"assignments": %s}' % _assignments_json(result)
             self._send(200, doc.encode())
