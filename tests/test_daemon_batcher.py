@@ -127,3 +127,41 @@ def test_pipeline_applies_on_the_event_loop_in_order_with_calls():
     assert rec.threads == {"MainThread"}  # the clusterer runs on the loop, the encoder on the thread
     assert not rec.overlap and sum(rec.batches) == 32
     assert seen == [8, 16, 24, 32]
+
+
+def _submit_nowait(worker: Worker, i: int) -> asyncio.Future:
+    """The fast HTTP path's way in: admit, then submit_nowait with a callback instead of a task."""
+    fut = asyncio.get_running_loop().create_future()
+    worker.admit(1)
+    worker.submit_nowait(Job(i), 1, fut.set_result)
+    return fut
+
+
+async def nowait_sequential(worker):
+    out = []
+    for i in range(10):
+        out.append(await _submit_nowait(worker, i))
+        await asyncio.sleep(0.001)
+    return out
+
+
+async def nowait_bursts(worker):
+    out = []
+    for burst in range(3):  # each burst arrives while the worker is parked
+        out += await asyncio.gather(*(_submit_nowait(worker, i) for i in range(burst * 12, burst * 12 + 12)))
+        await asyncio.sleep(0.01)
+    return out
+
+
+def test_fast_path_submissions_run_inline_when_alone():
+    rec, worker, results = _run(True, nowait_sequential)
+    assert results == [i * 10 for i in range(10)]
+    assert worker.inline_runs == 10 and worker.held_bytes == 0
+
+
+def test_fast_path_bursts_are_queued_together_in_order():
+    rec, worker, results = _run(True, nowait_bursts)
+    assert results == [i * 10 for i in range(36)]
+    assert worker.inline_runs == 0  # none of them was alone
+    assert max(rec.batches) > 1 and sum(rec.batches) == 36
+    assert not rec.overlap and worker.held_bytes == 0 and worker.arriving == 0
