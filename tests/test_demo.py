@@ -82,7 +82,7 @@ def test_demo_of_a_bundle_runs_without_torch(tmp_path):
 def test_demo_trains_exports_and_reports_curves(tmp_path):
     """The README's default path (training), with a tiny budget: the wiring, not the accuracy."""
     out = tmp_path / "demo"
-    result = CliRunner().invoke(main, ["demo", "--time-budget", "12s", "--alphabets", "1", "--out", str(out)])
+    result = CliRunner().invoke(main, ["demo", "--time-budget", "12s", "--out", str(out)])
     assert result.exit_code == 0, result.output
     run = _check_run_dir(out, result.output)
     assert run["training"]["source"] == "trained"
