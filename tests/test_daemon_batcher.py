@@ -59,12 +59,18 @@ def _run(inline: bool, scenario, pipeline: bool = False):
     return asyncio.run(main())
 
 
-async def sequential(worker):
-    out = []
-    for i in range(20):
-        out.append(await _submit(worker, i))
-        await asyncio.sleep(0.001)
-    return out
+def one_at_a_time(submit, n: int):
+    """A scenario: n requests through `submit`, each after the previous one's answer."""
+    async def scenario(worker):
+        out = []
+        for i in range(n):
+            out.append(await submit(worker, i))
+            await asyncio.sleep(0.001)
+        return out
+    return scenario
+
+
+sequential = one_at_a_time(_submit, 20)
 
 
 async def concurrent(worker):
@@ -137,12 +143,7 @@ def _submit_nowait(worker: Worker, i: int) -> asyncio.Future:
     return fut
 
 
-async def nowait_sequential(worker):
-    out = []
-    for i in range(10):
-        out.append(await _submit_nowait(worker, i))
-        await asyncio.sleep(0.001)
-    return out
+nowait_sequential = one_at_a_time(_submit_nowait, 10)
 
 
 async def nowait_bursts(worker):
