@@ -73,9 +73,12 @@ class OrtEncoder:
         self._pool = None
         path = Path(bundle.onnx_path(precision))
         wanted = _EP[backend]
-        if backend == "ort-tensorrt" and precision == "int8-cpu":
-            raise BackendUnavailable("TensorRT does not accept int8-cpu's asymmetric INT8 activations; "
-                                     "use the int8 variant with ort-tensorrt")
+        if backend == "ort-tensorrt":
+            from .tensorrt_build import PRECISIONS as TENSORRT_PRECISIONS  # the native backend's list too
+
+            if precision not in TENSORRT_PRECISIONS:  # int8-cpu: asymmetric activations TensorRT rejects
+                raise BackendUnavailable(f"TensorRT takes the {', '.join(TENSORRT_PRECISIONS)} variants, not "
+                                         f"{precision!r} (use int8 for INT8 with ort-tensorrt)")
         if wanted not in ort.get_available_providers():
             raise BackendUnavailable(f"backend {backend!r} needs ONNX Runtime's {wanted}, which this "
                                      f"onnxruntime build lacks (has: {', '.join(ort.get_available_providers())})")

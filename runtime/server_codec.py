@@ -48,11 +48,9 @@ def parse_npy(body: bytes, max_images: int) -> np.ndarray:
     return np.ndarray(shape, np.uint8, body, offset, order=order)
 
 
-@functools.lru_cache(maxsize=256)
 def _npy_layout(header: bytes, max_images: int) -> tuple[tuple, str, int]:
     """(shape, memory order, byte count) of the pixels an accepted .npy header describes, or
-    InputError. Cached with the header: each request of a client repeats the same few, and these
-    checks cost as much as the rest of parse_npy (an error is not cached: it is raised again)."""
+    InputError. (A header a client repeats skips this: decode_pixels remembers accepted ones.)"""
     shape, fortran, dtype = _npy_header(header)
     if dtype.hasobject:
         raise InputError("object arrays are refused (no pickle)")
