@@ -241,7 +241,7 @@ def in_process(bundle_path: str, threads: int | None, n_single: int, seconds: fl
     test = datasets.load_split("omniglot-a", "test")
     rng = np.random.default_rng(0)
     imgs = test.images[rng.choice(len(test.images), N_IMAGES, replace=False)]
-    rt = Runtime(bundle_path, backend="cpu", threads=threads)
+    rt = Runtime(bundle_path, backend="cpu", precision="auto", threads=threads)  # the daemon's encoder
     for i in range(100):
         rt.cluster(imgs[i:i + 1])
     lat = []
@@ -261,7 +261,8 @@ def in_process(bundle_path: str, threads: int | None, n_single: int, seconds: fl
             done += batch
         rates[batch] = done / (time.perf_counter() - t0)
     return {"single_p50_ms": 1e3 * float(np.percentile(lat, 50)), "single_p99_ms": 1e3 * float(np.percentile(lat, 99)),
-            "single_images_per_s": single_rate, "batched_images_per_s": rates, "backend": rt.backend}
+            "single_images_per_s": single_rate, "batched_images_per_s": rates, "backend": rt.backend,
+            "precision": rt.encoder.precision}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -315,6 +316,7 @@ def measure_daemon(bundle: str, fsync: str, seconds: float, n_latency: int, thre
             c.wait_ready(120)
             params = c.model()["parameters"]
             r["backend"], r["event_loop"] = params["backend"], params.get("event_loop")
+            r["pipeline"] = params.get("pipeline")
             rss_idle = _metric(c.metrics(), "protoedge_resident_memory_bytes")
         if latency:
             print(f"[fsync {fsync}] single-client latency", file=sys.stderr)
@@ -390,13 +392,14 @@ def run_benchmark(bundle: str, out_dir: str = "benchmarks/results", seconds: flo
     print("the runtime in-process", file=sys.stderr)
     inproc_before = in_process(bundle, threads, n_latency, seconds)
     daemons = {p: measure_daemon(bundle, p, seconds, n_latency, threads) for p in policies}
-    # Other settings, 16 clients only: inference threads, pipeline, batch size, GIL switch interval,
+    # Other settings, 16 clients only: inference threads, pipeline, FP32, batch size, GIL switch interval,
     # event loop, inline fast path, HTTP fast path, sync thread.
     variants = {}
     other_threads = 2 if threads != 2 else 1
     settings = [(f"{other_threads} inference threads", other_threads, (), False),
-                ("clusterer on the worker thread, after the encoder (--no-pipeline)", threads, ("--no-pipeline",),
-                 False),
+                ("the event loop applies each batch while the next is embedded (--pipeline)", threads,
+                 ("--pipeline",), False),
+                ("FP32 encoder (--precision fp32)", threads, ("--precision", "fp32"), False),
                 ("micro-batches of up to 64 images (--max-batch 64)", threads, ("--max-batch", "64"), False),
                 ("GIL switch interval 5 ms (Python's default)", threads, ("--switch-interval-ms", "5"), False),
                 ("asyncio event loop (no uvloop)", threads, ("--event-loop", "asyncio"), False),
@@ -466,7 +469,9 @@ def render_markdown(r: dict) -> str:
         f"(load average {', '.join(f'{x:.2f}' for x in s['loadavg_before'])} before, "
         f"{', '.join(f'{x:.2f}' for x in s['loadavg_after'])} after), Python {s['python']}. "
         f"Bundle `{Path(s['bundle']).name}` ({s['bundle']}), backend {any_d['backend'].get('backend')} with "
-        f"{s['server_threads']} inference threads, event loop {any_d.get('event_loop')}. Each request carries one "
+        f"{s['server_threads']} inference threads, precision {any_d['backend'].get('precision')} (in-process too), "
+        f"{'the event loop applying each batch (--pipeline)' if any_d.get('pipeline') else 'the worker thread embedding and applying each batch (--no-pipeline)'}, "
+        f"event loop {any_d.get('event_loop')}. Each request carries one "
         "Omniglot test image "
         "(1x28x28 uint8 .npy) to `POST /v1/cluster` (assign + update, answered once logged) on loopback TCP "
         "with keep-alive. Load generators are separate processes on the same cores (their CPU is listed).",

@@ -12,6 +12,11 @@
 * ``tensorrt``: native TensorRT (runtime/trt_backend.py), engine built once and cached.
 * ``auto``: the first of tensorrt, ort-tensorrt, cuda, cpu that starts.
 
+``precision="auto"`` takes, per backend tried, the variant that runs fastest there among those
+the bundle carries: int8-cpu on ``cpu`` (1.5-1.9x FP32 on a 2-core x86 CPU, 5-way 1-shot within
+0.05 points, benchmarks/results/export.md), fp32 on the GPU backends (the TensorRT and CUDA paths
+are not measured here, so no reduced precision is chosen for them unasked).
+
 ONNX Runtime silently falls back to CPU when a provider fails to load, so every GPU session is
 checked against ``session.get_providers()`` and a fallback is an error for an explicit choice.
 """
@@ -244,16 +249,36 @@ class OrtEncoder:
                 "threads": self.threads}
 
 
+def auto_precision(bundle, backend: str) -> str:
+    """The variant ``precision="auto"`` picks on ``backend`` (see the module docstring)."""
+    return "int8-cpu" if backend == "cpu" and "int8-cpu" in bundle.precisions else "fp32"
+
+
+def gpu_backend_possible() -> bool:
+    """Whether ``backend="auto"`` might start a GPU backend here, judged without starting one
+    (TensorRT's bindings import, or ONNX Runtime lists a GPU provider). True can still end on the
+    CPU when the provider fails to load; False is certain."""
+    import importlib.util
+
+    import onnxruntime as ort
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        return True
+    return bool({_EP["cuda"], _EP["ort-tensorrt"]} & set(ort.get_available_providers()))
+
+
 def open_encoder(bundle, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
                  cache_dir=None, max_batch: int = 256):
     """Start an encoder on ``backend``; ``auto`` takes the best that starts. The choice and the
-    active providers are logged and available as ``.backend`` / ``.providers``."""
+    active providers are logged and available as ``.backend`` / ``.providers`` / ``.precision``."""
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     cache_dir = Path(cache_dir) if cache_dir else None
     order = _AUTO_ORDER if backend == "auto" else (backend,)
     reasons = []
+    wanted = precision
     for name in order:
+        precision = auto_precision(bundle, name) if wanted == "auto" else wanted
         try:
             if name == "tensorrt":
                 from .trt_backend import TensorRTEncoder

@@ -30,8 +30,9 @@ def register(main: click.Group, bench: click.Group) -> None:
               help="Folder for snapshots and the update log. Without it the clusters live in memory only.")
 @click.option("--backend", type=click.Choice(["auto", "cpu", "cuda", "tensorrt", "ort-tensorrt"]), default="auto",
               show_default=True)
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-              help="Bundle variant: int8-cpu is the fast INT8 for ONNX Runtime on CPUs, int8 the one for TensorRT.")
+@click.option("--precision", type=click.Choice(("auto",) + PRECISIONS), default="auto", show_default=True,
+              help="Bundle variant. auto: int8-cpu (the fast INT8 for ONNX Runtime on CPUs) on the CPU backend "
+                   "when the bundle has it, else fp32; int8 is the one for TensorRT.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None,
               help="CPU inference threads [default: all cores but one, which the event loop uses].")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
@@ -64,9 +65,10 @@ def register(main: click.Group, bench: click.Group) -> None:
               help="auto: uvloop if it is installed (optional; cheaper per request), else asyncio's own loop.")
 @click.option("--switch-interval-ms", type=click.FloatRange(0.01, 100), default=0.5, show_default=True,
               help="Python GIL hand-over interval between the event loop and the worker thread.")
-@click.option("--pipeline/--no-pipeline", default=True, show_default=True,
+@click.option("--pipeline/--no-pipeline", default=None,
               help="The worker thread only embeds; the event loop applies, logs and answers each micro-batch "
-                   "while the next one is embedded (--no-pipeline: the worker thread does both in turn).")
+                   "while the next one is embedded (--no-pipeline: the worker thread does both in turn) "
+                   "[default: --pipeline on GPU backends, --no-pipeline on the CPU].")
 @click.option("--inline-idle/--no-inline-idle", default=True, show_default=True,
               help="A request that arrives alone, with the worker idle, runs on the event loop (saves two "
                    "thread wake-ups; under load requests queue for the worker as usual).")

@@ -6,8 +6,9 @@
 
 A worker thread runs the encoder on micro-batches back to back (continuous batching:
 server_batcher.py); the asyncio loop (aiohttp, and the fast path of server_fast.py) parses HTTP,
-and with --pipeline (the default) also applies each embedded batch to the clusterer, writes its
-log record and answers it, while the worker embeds the next batch. One fdatasync per batch (group
+and with --pipeline (the default on GPU backends) also applies each embedded batch to the
+clusterer, writes its log record and answers it, while the worker embeds the next batch; on the CPU
+backend (--no-pipeline, its default) the worker thread embeds and applies each batch in turn. One fdatasync per batch (group
 commit, on a sync thread) precedes its answers. State changes are totally ordered and the update
 log replays them exactly.
 """
@@ -56,7 +57,7 @@ class ServerConfig:
     socket_path: str | None = None
     state_dir: str | None = None
     backend: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"              # auto: int8-cpu on the CPU backend if the bundle has it, else fp32
     threads: int | None = None
     cache_dir: str | None = None
     token_file: str | None = None
@@ -73,7 +74,8 @@ class ServerConfig:
     shutdown_timeout_s: float = 30.0
     event_loop: str = "auto"             # auto: uvloop when it is installed, else asyncio's own
     switch_interval_ms: float = 0.5      # GIL hand-over between the event loop and the worker
-    pipeline: bool = True                # the worker thread only embeds; the event loop applies and answers
+    pipeline: bool | None = None         # the worker thread only embeds; the event loop applies and answers
+                                         # (None: on unless the encoder runs on the CPU)
     inline_idle: bool = True             # a lone request runs on the event loop (no thread hand-offs)
     fast_path: bool = True               # POST /v1/cluster|assign (.npy) skip aiohttp's request machinery
     sync_thread: bool = True             # fsync always: fdatasync + answers on their own thread
@@ -200,6 +202,16 @@ class Daemon:
         self._stop = None
         self._loop = None
         self._last_snapshot = time.monotonic()
+        # On the CPU the clusterer and the encoder compete for the same cores, and applying on the
+        # worker thread after each embed costs less CPU per image than handing every batch to the
+        # event loop (docs/daemon.md: 1.21-1.27x images/s with int8-cpu, 16 clients). A GPU embeds
+        # without the cores, so there the event loop applies one batch while the next is embedded.
+        if config.pipeline is None:
+            from .backends import gpu_backend_possible
+
+            self.pipeline = config.backend not in ("cpu",) and (config.backend != "auto" or gpu_backend_possible())
+        else:
+            self.pipeline = config.pipeline
         # Known once the engine is built when the backend is "auto".
         self.max_batch = config.max_batch or (CPU_MAX_BATCH if config.backend == "cpu" else GPU_MAX_BATCH)
 
@@ -279,7 +291,7 @@ class Daemon:
                 "parameters": {"distance": o["distance"], "model": self.bundle.manifest.get("model", {}),
                                "backend": enc, "max_batch": self.max_batch,
                                "max_wait_ms": self.config.max_wait_ms, "fsync": self.config.fsync,
-                               "pipeline": self.config.pipeline,
+                               "pipeline": self.pipeline,
                                "inline_idle": self.config.inline_idle,
                                "fast_path": self.config.fast_path, "sync_thread": self._sync_thread,
                                "event_loop": type(self._loop).__module__.split(".")[0] if self._loop else None}}
@@ -314,7 +326,7 @@ class Daemon:
         self._stop = asyncio.Event()
         cfg = self.config
         self.worker = Worker(self._loop, self._embed, self._apply, self.max_batch, cfg.max_wait_ms, cfg.max_queue,
-                             cfg.max_queue_bytes, on_batch=self._on_batch, pipeline=cfg.pipeline,
+                             cfg.max_queue_bytes, on_batch=self._on_batch, pipeline=self.pipeline,
                              inline_idle=cfg.inline_idle, commit=self._commit if self._sync_thread else None)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)

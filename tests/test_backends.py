@@ -14,7 +14,7 @@ import pytest
 
 from protoedge.datasets import load_split
 from protoedge.runtime import load_bundle
-from protoedge.runtime.backends import SPLIT_MIN, OrtEncoder
+from protoedge.runtime.backends import SPLIT_MIN, OrtEncoder, auto_precision, open_encoder
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLE = REPO / "models" / "omniglot" / "bundle"
@@ -175,3 +175,16 @@ def test_embed_each_hands_over_the_pieces_in_order(bundle, images):
             enc.embed_each(images[:256], fails)
         assert len(got) == 1  # nothing after the failed piece
         np.testing.assert_allclose(enc.embed(images[:64]), one_session(enc, images[:64]), atol=1e-5)
+
+
+def test_auto_precision_is_int8_cpu_on_the_cpu_and_fp32_elsewhere_or_without_it(bundle, images):
+    assert "int8-cpu" in bundle.precisions
+    with open_encoder(bundle, "cpu", precision="auto", threads=1) as enc:
+        assert enc.precision == "int8-cpu" and enc.describe()["precision"] == "int8-cpu"
+        with open_encoder(bundle, "cpu", precision="int8-cpu", threads=1) as same:
+            np.testing.assert_array_equal(enc.embed(images[:8]), same.embed(images[:8]))
+    # GPU backends are not measured here, so auto never picks a reduced precision for them
+    assert auto_precision(bundle, "cuda") == "fp32" and auto_precision(bundle, "tensorrt") == "fp32"
+    # a bundle exported without the CPU INT8 variant runs its FP32 model
+    only_fp32 = type("Bundle", (), {"precisions": ["fp32", "fp16"]})()
+    assert auto_precision(only_fp32, "cpu") == "fp32"

@@ -23,7 +23,7 @@ class Reference:
     def __init__(self):
         bundle = load_bundle(BUNDLE)
         # Same backend and thread count as the daemon, one request per encoder call as there.
-        self.state = DaemonState(bundle, open_encoder(bundle, backend="cpu", threads=1), None)
+        self.state = DaemonState(bundle, open_encoder(bundle, backend="cpu", precision="auto", threads=1), None)
         self.state.open()
         self.seq = 0
 

@@ -47,6 +47,11 @@ def test_every_route_over_each_transport(server, transport):
         meta = c.model()
         assert meta["inputs"][0]["shape"] == [-1, 1, 28, 28] and meta["inputs"][0]["datatype"] == "UINT8"
         assert meta["outputs"][0]["shape"] == [-1, 64]
+        # the CPU defaults: the INT8 encoder made for ONNX Runtime's CPU kernels, and the worker
+        # thread applying each batch itself
+        params = meta["parameters"]
+        assert params["backend"]["backend"] == "cpu" and params["backend"]["precision"] == "int8-cpu"
+        assert params["pipeline"] is False
         before = {x["id"]: x for x in c.clusters()}
 
         x = images(6, seed=hash(transport) % 1000)
