@@ -24,9 +24,13 @@ single-pass limit of DP-means (Kulis & Jordan 2012) as used by Online ProtoNet /
 
 Distances follow the bundle: ``cosine`` = squared Euclidean between L2-normalised vectors
 (2 - 2 cos), ``sqeuclidean`` = squared Euclidean on raw embeddings. Prototypes live in a
-preallocated matrix that doubles when full, with their squared norms cached; a batch is scored
-with one matrix product whose columns are patched as prototypes move (brute force beats ANN
-indexes below ~10k prototypes).
+preallocated matrix that doubles when full, with their squared norms cached; each sample is
+scored against every prototype (brute force beats ANN indexes below ~10k prototypes) by the
+compiled loop of runtime/_rowloop.c, or, where the package was installed without a C compiler,
+by numpy: one matrix product per batch whose columns are patched as prototypes move. The two
+compute the same algorithm but round dot products differently, so their results agree to float
+precision, not bit for bit; each is deterministic and gives a batch the same results as its
+samples one at a time.
 """
 from __future__ import annotations
 
@@ -40,6 +44,11 @@ import numpy as np
 
 from .errors import InputError, StateError
 from .validation import validate_embeddings
+
+try:
+    from . import _rowloop
+except ImportError:  # installed without a C compiler: the numpy loop (StreamClusterer._fit_batch)
+    _rowloop = None
 
 STATE_FORMAT = 2  # 2 added the per-cluster spread; format-1 states still load (see _restore)
 _CHUNK = 64  # samples per score matrix in partial_fit (measured best of 32-256; bounds its memory)
@@ -186,6 +195,9 @@ class StreamClusterer:
       ACC against 85.6% without it).
     """
 
+    # The compiled per-sample loop when it was built; False runs the numpy loop (tests compare them).
+    compiled = _rowloop is not None
+
     def __init__(self, dim: int, threshold: float, distance: str = "cosine", max_clusters: int = 1000,
                  decay: float = 0.999, merge_threshold: float | None = None, temperature: float = 10.0,
                  refine_every: int = 50, memory: int = 256, min_size: int = 2, max_spread: float | None = None,
@@ -327,10 +339,11 @@ class StreamClusterer:
         x = self._prepare(X)
         with self._lock, one_blas_thread():
             out = []
+            fit = self._fit_rows if self.compiled else self._fit_batch
             # a chunk may not decay the scale by more than 1e-10 (see _fit_batch)
             rows = _CHUNK if self.decay == 1.0 else max(1, min(_CHUNK, int(-10 / math.log10(self.decay))))
             for start in range(0, len(x), rows):
-                out += self._fit_batch(x[start:start + rows])
+                out += fit(x[start:start + rows])
             return out
 
     @contextmanager
@@ -587,8 +600,71 @@ class StreamClusterer:
         n = self._n
         return (self._sums[:n] / self._counts[:n, None]).astype(np.float32)
 
+    def _fit_rows(self, x: np.ndarray) -> list[Assignment]:
+        """Predict-then-learn for each row in order, in the compiled loop (runtime/_rowloop.c).
+
+        The loop learns rows until one needs Python: a sample that opens a cluster (which may evict
+        or grow the arrays), a winner and runner-up close enough for the merge rules, or the
+        repair falling due; Python does that step and calls the loop again from the next row."""
+        n_rows = len(x)
+        if self._cscale < 1e-10:  # as in _fit_batch
+            self._renormalise()
+        scales = self._cscale * self._decay_powers(n_rows)
+        inv = 1.0 / scales
+        xs = (x * inv[:, None]).astype(np.float32)
+        xx = None if self.distance == "cosine" else (x * x).sum(1, dtype=np.float64)
+        out_j = np.empty(n_rows, np.int64)
+        out_d = np.empty(n_rows, np.float64)
+        out_c = np.empty(n_rows, np.float64)
+        tau, merge, t = self.threshold, self.merge_threshold, self.temperature
+        root_merge, refine_every = math.sqrt(merge), self.refine_every
+        new_tuple = tuple.__new__  # what Assignment(...) calls, without its Python-level __new__
+        labels = self._labels  # a list changed in place, never replaced
+        out = []
+        self._xb, self._scores = x, None  # no score matrix: nothing for _refresh to patch
+        step0 = self._batch_step = self._step
+        self._kept = i = 0
+        try:
+            while True:
+                if refine_every and self._pending + i - self._kept >= refine_every:
+                    self._row = i
+                    self._remember_rows(out)
+                    self._repair()
+                if i == n_rows:
+                    break
+                end = n_rows if not refine_every else min(n_rows, i + refine_every - (self._pending + i - self._kept))
+                row, event, k, dk = _rowloop.fit_rows(
+                    x, xs, inv, xx, self._search, self._sums, self._counts, self._spread, self._seen, self._last,
+                    self._sqn, out_j, out_d, out_c, self._n, i, end, step0, tau, merge, root_merge, t)
+                stop = row + 1 if event == 2 else row  # rows i..stop-1 were learned
+                if stop > i:
+                    ids = self._ids
+                    out += [new_tuple(Assignment, (ids.item(j), d, c, False, labels[j]))
+                            for j, d, c in zip(out_j[i:stop].tolist(), out_d[i:stop].tolist(), out_c[i:stop].tolist())]
+                if event == 0:
+                    self._step, self._cscale = step0 + row, scales.item(row - 1)
+                    i = row
+                    continue
+                self._step, self._cscale = step0 + row + 1, scales.item(row)
+                if event == 2:
+                    self._maybe_merge(out_j.item(row), k)
+                elif self._n == 0:
+                    slot = self._open(x[row], 1.0)
+                    out.append(new_tuple(Assignment, (self._ids.item(slot), math.inf, 1.0, True, None)))
+                else:
+                    dj = out_d.item(row)
+                    conf = self._confidence(dj, dk, True)
+                    slot = self._open(x[row], 1.0)
+                    out.append(new_tuple(Assignment, (self._ids.item(slot), dj, conf, True, None)))
+                i = row + 1
+        finally:
+            self._remember_rows(out)
+            self._xb = None
+            self._row = 0
+        return out
+
     def _fit_batch(self, x: np.ndarray) -> list[Assignment]:
-        """Predict-then-learn for each row in order.
+        """Predict-then-learn for each row in order, in numpy (when the compiled loop is missing).
 
         Instead of one matrix-vector product per sample, the batch's scores against every
         prototype are computed once (a matrix product) and each change to a prototype rewrites

@@ -1,13 +1,23 @@
-"""StreamClusterer rules on small synthetic embeddings whose right answers are known."""
+"""StreamClusterer rules on small synthetic embeddings whose right answers are known, each test
+run with the compiled per-sample loop (runtime/_rowloop.c) and with the numpy one."""
 import math
 
 import numpy as np
 import pytest
 
+from protoedge.runtime import clustering
 from protoedge.runtime.clustering import StreamClusterer, threshold_from_calibration
 from protoedge.runtime.errors import InputError, StateError
 
 D = 16
+
+
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def loop(request, monkeypatch):
+    if request.param == "compiled" and clustering._rowloop is None:
+        pytest.skip("the compiled loop was not built (no C compiler at install)")
+    monkeypatch.setattr(StreamClusterer, "compiled", request.param == "compiled")
+    return request.param
 
 
 def unit(v):
@@ -486,13 +496,14 @@ def test_blas_runs_on_one_thread_inside_the_clusterer_and_is_restored_after(monk
         return [i["num_threads"] for i in threadpool_info() if i["filepath"] in ours]
 
     seen = []
-    real = StreamClusterer._fit_batch
+    name = "_fit_rows" if StreamClusterer.compiled else "_fit_batch"
+    real = getattr(StreamClusterer, name)
 
     def spy(self, x):
         seen.append(blas_threads())
         return real(self, x)
 
-    monkeypatch.setattr(StreamClusterer, "_fit_batch", spy)
+    monkeypatch.setattr(StreamClusterer, name, spy)
     x, _, _ = blobs(n_classes=3, per_class=10)
     with threadpool_limits(limits=2, user_api="blas"):
         before = blas_threads()
@@ -532,3 +543,63 @@ def test_atomic_undoes_every_call_in_a_block_that_raises():
     with c.atomic():  # a block that succeeds keeps what it learned
         c.partial_fit(x[50:120])
     assert c.n_seen == 120
+
+
+def test_compiled_and_numpy_loops_agree_on_a_long_stream(loop):
+    """Both loops run the same algorithm: on 1,800 samples of 60 noisy classes (opens, joins,
+    merges, repairs, evictions at a cap of 40) every sample gets the same cluster, with distances
+    equal to float precision. They round dot products differently, so not bit for bit."""
+    if loop == "numpy" or clustering._rowloop is None:
+        pytest.skip("runs once, with both loops")
+    x, _, _ = blobs(n_classes=60, per_class=30, noise=0.1, seed=7)
+    for distance, params in (("cosine", {}), ("sqeuclidean", {"max_clusters": 40})):
+        runs = []
+        for compiled in (True, False):
+            StreamClusterer.compiled = compiled
+            c = StreamClusterer(D, threshold=0.8, distance=distance, refine_every=25, **params)
+            runs.append([a for s in range(0, len(x), 64) for a in c.partial_fit(x[s:s + 64])])
+            runs[-1].append(c.stats)
+        fast, slow = runs
+        assert [a.cluster_id for a in fast[:-1]] == [a.cluster_id for a in slow[:-1]]
+        assert [a.new_cluster for a in fast[:-1]] == [a.new_cluster for a in slow[:-1]]
+        np.testing.assert_allclose([a.distance for a in fast[:-1]], [a.distance for a in slow[:-1]], rtol=1e-4,
+                                   atol=1e-5)
+        assert fast[-1] == slow[-1] and fast[-1]["merged"] + fast[-1]["split"] > 0
+        if distance == "sqeuclidean":
+            assert fast[-1]["evicted"] > 0
+
+
+def test_compiled_loop_refuses_arrays_of_the_wrong_kind(loop):
+    """The loop writes into the arrays it is given: a wrong dtype, shape or length is an error,
+    never a write past an array's end."""
+    if loop == "numpy" or clustering._rowloop is None:
+        pytest.skip("the compiled loop only")
+    fit_rows = clustering._rowloop.fit_rows
+    rows, cap, d = 4, 8, D
+    good = dict(x=np.zeros((rows, d), np.float32), xs=np.zeros((rows, d), np.float32), inv=np.ones(rows),
+                xx=None, search=np.zeros((cap, d), np.float32), sums=np.zeros((cap, d), np.float32),
+                counts=np.zeros(cap), spread=np.zeros(cap), seen=np.zeros(cap, np.int64),
+                last=np.zeros(cap, np.int64), sqn=np.zeros(cap, np.float32), out_j=np.zeros(rows, np.int64),
+                out_d=np.zeros(rows), out_c=np.zeros(rows))
+
+    def call(n=2, end=rows, **bad):
+        return fit_rows(*{**good, **bad}.values(), n, 0, end, 0, 0.5, 0.1, 0.3, 10.0)
+
+    good["search"][:2, 0] = good["x"][:, 0] = 1.0
+    assert call()[:2] == (rows, 0)  # all four join slot 0
+    for bad in ({"x": np.zeros((rows, d))}, {"sums": np.zeros((cap, d + 1), np.float32)},
+                {"counts": np.zeros(1)}, {"out_j": np.zeros(rows - 1, np.int64)},
+                {"seen": np.zeros(cap, np.int32)}, {"search": np.zeros((cap, d), np.float32)[:, ::2]},
+                {"xx": np.zeros(1)}):
+        with pytest.raises((ValueError, BufferError)):
+            call(**bad)
+    with pytest.raises(ValueError):
+        call(n=cap + 1)  # more slots than the arrays hold
+    with pytest.raises(ValueError):
+        call(end=rows + 1)
+    ro = good["sums"].copy()
+    ro.flags.writeable = False
+    with pytest.raises((ValueError, BufferError)):
+        call(sums=ro)
+    with pytest.raises(TypeError):
+        fit_rows(1, 2)
