@@ -296,7 +296,8 @@ def _free_port() -> int:
 
 
 def measure_daemon(bundle: str, fsync: str, seconds: float, n_latency: int, threads: int | None,
-                   clients: tuple[int, ...] = (1, 4, 16), latency: bool = True, extra: tuple[str, ...] = ()) -> dict:
+                   clients: tuple[int, ...] = (1, 4, 16), latency: bool = True, extra: tuple[str, ...] = (),
+                   env: dict | None = None) -> dict:
     """Start `protoedge serve` with this fsync policy, measure it from separate processes, stop it."""
     import shutil
 
@@ -309,8 +310,9 @@ def measure_daemon(bundle: str, fsync: str, seconds: float, n_latency: int, thre
            "--fsync", fsync, "--backend", "cpu", *extra]
     if threads:
         cmd += ["--threads", str(threads)]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    r: dict = {"fsync": fsync, "threads": threads, "extra_args": list(extra)}
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, **(env or {})})
+    r: dict = {"fsync": fsync, "threads": threads, "extra_args": list(extra), "env": dict(env or {})}
     try:
         with Client(url) as c:
             c.wait_ready(120)
@@ -400,6 +402,8 @@ def run_benchmark(bundle: str, out_dir: str = "benchmarks/results", seconds: flo
                 ("the event loop applies each batch while the next is embedded (--pipeline)", threads,
                  ("--pipeline",), False),
                 ("FP32 encoder (--precision fp32)", threads, ("--precision", "fp32"), False),
+                ("the clusterer's numpy loop instead of the C one (PROTOEDGE_CLUSTER_LOOP=numpy)", threads, (), False,
+                 {"PROTOEDGE_CLUSTER_LOOP": "numpy"}),
                 ("micro-batches of up to 64 images (--max-batch 64)", threads, ("--max-batch", "64"), False),
                 ("GIL switch interval 5 ms (Python's default)", threads, ("--switch-interval-ms", "5"), False),
                 ("asyncio event loop (no uvloop)", threads, ("--event-loop", "asyncio"), False),
@@ -407,14 +411,14 @@ def run_benchmark(bundle: str, out_dir: str = "benchmarks/results", seconds: flo
                 ("every request through aiohttp (--no-fast-path)", threads, ("--no-fast-path",), False)]
     if policies[0] == "always":
         settings.append(("fdatasync on the worker thread (--no-sync-thread)", threads, ("--no-sync-thread",), False))
-    for name, n_threads, extra, latency in settings:
+    for name, n_threads, extra, latency, *env in settings:
         # The defaults again right before each setting: the machine is shared and its speed drifts
         # over minutes, so each setting is compared with its own neighbour.
         print(f"[fsync {policies[0]}] 16 clients, defaults (pair for: {name})", file=sys.stderr)
         paired = measure_daemon(bundle, policies[0], seconds, n_latency, threads, clients=(16,), latency=False)
         print(f"[fsync {policies[0]}] 16 clients, {name}", file=sys.stderr)
         variants[name] = measure_daemon(bundle, policies[0], seconds, n_latency, n_threads, clients=(16,),
-                                        latency=latency, extra=extra)
+                                        latency=latency, extra=extra, env=env[0] if env else None)
         variants[name]["paired_default_16"] = paired["throughput"]["16"]
     print("the runtime in-process, again", file=sys.stderr)
     inproc_after = in_process(bundle, threads, n_latency, seconds)

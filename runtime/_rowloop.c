@@ -8,9 +8,12 @@
  * the GIL. Everything that changes the set of clusters (open, evict, merge, the repair) stays in
  * Python: the loop returns at the first row that needs one, and Python calls it again after.
  *
- * Dot products use 8 independent float accumulators, so the compiler can vectorise them without
- * reassociation, and a row's scores never depend on where the row sits in the batch (unlike a BLAS
- * matrix product): a batch and the same samples one at a time give bit-identical results.
+ * Dot products use 8 running sums in a fixed order (SSE2 or NEON vectors where available), so a
+ * row's scores never depend on where the row sits in the batch (unlike a BLAS matrix product): a
+ * batch and the same samples one at a time give bit-identical results. Each sample reads every
+ * prototype, so beyond about a thousand clusters the loop is bound by memory bandwidth, and
+ * clustering.py hands larger states to its numpy loop, whose matrix product reads the prototypes
+ * once per batch.
  *
  * fit_rows(x, xs, inv, xx, search, sums, counts, spread, seen, last, sqn, out_j, out_d, out_c,
  *          n, start, end, step0, threshold, merge, root_merge, temperature)
@@ -36,16 +39,82 @@
 #define EV_OPEN 1
 #define EV_MERGE 2
 
+/* Eight running sums, lane k taking elements k, k+8, k+16, ...: in vector registers where the
+ * platform has them (SSE2 on x86-64, NEON on aarch64: both baseline, so no run-time dispatch) and
+ * in a plain array otherwise, with the same arithmetic in the same order either way. */
+#if defined(__SSE2__)
+#include <emmintrin.h>
+typedef __m128 vec4;
+#define VLOAD(p) _mm_loadu_ps(p)
+#define VADD(a, b) _mm_add_ps(a, b)
+#define VMUL(a, b) _mm_mul_ps(a, b)
+#define VZERO() _mm_setzero_ps()
+#define VSTORE(p, v) _mm_storeu_ps(p, v)
+#define HAVE_VEC 1
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
+typedef float32x4_t vec4;
+#define VLOAD(p) vld1q_f32(p)
+#define VADD(a, b) vaddq_f32(a, b)
+#define VMUL(a, b) vmulq_f32(a, b) /* not vfmaq: a separate multiply rounds as the scalar code does */
+#define VZERO() vdupq_n_f32(0.0f)
+#define VSTORE(p, v) vst1q_f32(p, v)
+#define HAVE_VEC 1
+#endif
+
+static float reduce8(const float *a, const float *x, const float *p, Py_ssize_t i, Py_ssize_t d)
+{
+    float acc[8];
+    memcpy(acc, a, sizeof(acc));
+    for (; i < d; i++) /* the tail of a width that is not a multiple of 8 */
+        acc[i & 7] += x[i] * p[i];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
 static float dot(const float *a, const float *b, Py_ssize_t d)
 {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     Py_ssize_t i = 0;
+#ifdef HAVE_VEC
+    vec4 lo = VZERO(), hi = VZERO();
+    for (; i + 8 <= d; i += 8) {
+        lo = VADD(lo, VMUL(VLOAD(a + i), VLOAD(b + i)));
+        hi = VADD(hi, VMUL(VLOAD(a + i + 4), VLOAD(b + i + 4)));
+    }
+    VSTORE(acc, lo);
+    VSTORE(acc + 4, hi);
+#else
     for (; i + 8 <= d; i += 8)
         for (int k = 0; k < 8; k++)
             acc[k] += a[i + k] * b[i + k];
-    for (; i < d; i++)
-        acc[i & 7] += a[i] * b[i];
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+#endif
+    return reduce8(acc, a, b, i, d);
+}
+
+/* dot(x, p + q * d) for q = 0..3, each in exactly dot()'s order (a score never depends on which
+ * of the two computed it); four independent chains of sums instead of one keep the adder busy. */
+static void dot4(const float *x, const float *p, Py_ssize_t d, float out[4])
+{
+#ifdef HAVE_VEC
+    vec4 lo[4] = {VZERO(), VZERO(), VZERO(), VZERO()}, hi[4] = {VZERO(), VZERO(), VZERO(), VZERO()};
+    Py_ssize_t i = 0;
+    for (; i + 8 <= d; i += 8) {
+        vec4 xl = VLOAD(x + i), xh = VLOAD(x + i + 4);
+        for (int q = 0; q < 4; q++) {
+            lo[q] = VADD(lo[q], VMUL(xl, VLOAD(p + q * d + i)));
+            hi[q] = VADD(hi[q], VMUL(xh, VLOAD(p + q * d + i + 4)));
+        }
+    }
+    for (int q = 0; q < 4; q++) {
+        float acc[8];
+        VSTORE(acc, lo[q]);
+        VSTORE(acc + 4, hi[q]);
+        out[q] = reduce8(acc, x, p + q * d, i, d);
+    }
+#else
+    for (int q = 0; q < 4; q++)
+        out[q] = dot(x, p + q * d, d);
+#endif
 }
 
 /* A C-contiguous array of `kind` ('f' float32, 'd' float64, 'q' int64) with `ndim` dimensions and
@@ -141,8 +210,17 @@ static PyObject *fit_rows(PyObject *self, PyObject *const *args, Py_ssize_t narg
          * the lower slot, as numpy's argmax does */
         float best = -INFINITY, second = -INFINITY;
         Py_ssize_t j = -1;
+        float v4[4] = {0, 0, 0, 0};
         for (Py_ssize_t s = 0; s < n; s++) {
-            float v = dot(xi, search + s * d, d);
+            Py_ssize_t q = s & 3;
+            if (q == 0) {
+                if (s + 4 <= n)
+                    dot4(xi, search + s * d, d, v4);
+                else
+                    for (Py_ssize_t r = s; r < n; r++)
+                        v4[r - s] = dot(xi, search + r * d, d);
+            }
+            float v = v4[q];
             if (!cosine)
                 v -= 0.5f * sqn[s];
             if (v > best || j < 0) {

@@ -35,6 +35,7 @@ samples one at a time.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,6 +53,11 @@ except ImportError:  # installed without a C compiler: the numpy loop (StreamClu
 
 STATE_FORMAT = 2  # 2 added the per-cluster spread; format-1 states still load (see _restore)
 _CHUNK = 64  # samples per score matrix in partial_fit (measured best of 32-256; bounds its memory)
+# Above this many clusters partial_fit uses the numpy loop even where the C one is built: the C
+# loop reads every prototype for every sample, and from about 1,000 clusters on (256 KB of
+# prototypes at d = 64) that memory traffic costs more than the numpy loop's per-call overhead
+# (us per sample, C / numpy: 7.0 / 19.9 at 300 clusters, 20.1 / 24.7 at 1,000, 217 / 68 at 10,000).
+ROWLOOP_MAX_CLUSTERS = 1024
 MAX_SPREAD = 0.5  # default max_spread = this x threshold (see StreamClusterer)
 # _repair tests clusters with at least SPLIT_MIN remembered members for a split, and splits one
 # when the means of its two 2-means halves are more than SPLIT_DISTANCE thresholds apart. In
@@ -195,8 +201,9 @@ class StreamClusterer:
       ACC against 85.6% without it).
     """
 
-    # The compiled per-sample loop when it was built; False runs the numpy loop (tests compare them).
-    compiled = _rowloop is not None
+    # The compiled per-sample loop when it was built; False runs the numpy loop (the tests compare
+    # them; PROTOEDGE_CLUSTER_LOOP=numpy picks it in a process, for benchmarks and bug reports).
+    compiled = _rowloop is not None and os.environ.get("PROTOEDGE_CLUSTER_LOOP", "").lower() != "numpy"
 
     def __init__(self, dim: int, threshold: float, distance: str = "cosine", max_clusters: int = 1000,
                  decay: float = 0.999, merge_threshold: float | None = None, temperature: float = 10.0,
@@ -339,10 +346,10 @@ class StreamClusterer:
         x = self._prepare(X)
         with self._lock, one_blas_thread():
             out = []
-            fit = self._fit_rows if self.compiled else self._fit_batch
             # a chunk may not decay the scale by more than 1e-10 (see _fit_batch)
             rows = _CHUNK if self.decay == 1.0 else max(1, min(_CHUNK, int(-10 / math.log10(self.decay))))
             for start in range(0, len(x), rows):
+                fit = self._fit_rows if self.compiled and self._n <= ROWLOOP_MAX_CLUSTERS else self._fit_batch
                 out += fit(x[start:start + rows])
             return out
 

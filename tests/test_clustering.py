@@ -545,17 +545,21 @@ def test_atomic_undoes_every_call_in_a_block_that_raises():
     assert c.n_seen == 120
 
 
-def test_compiled_and_numpy_loops_agree_on_a_long_stream(loop):
+@pytest.mark.parametrize("handover", [None, 30])
+def test_compiled_and_numpy_loops_agree_on_a_long_stream(loop, handover, monkeypatch):
     """Both loops run the same algorithm: on 1,800 samples of 60 noisy classes (opens, joins,
     merges, repairs, evictions at a cap of 40) every sample gets the same cluster, with distances
-    equal to float precision. They round dot products differently, so not bit for bit."""
+    equal to float precision. They round dot products differently, so not bit for bit. With
+    ``handover`` the C loop gives way to the numpy one above that many clusters, mid-stream."""
     if loop == "numpy" or clustering._rowloop is None:
         pytest.skip("runs once, with both loops")
+    if handover:
+        monkeypatch.setattr(clustering, "ROWLOOP_MAX_CLUSTERS", handover)
     x, _, _ = blobs(n_classes=60, per_class=30, noise=0.1, seed=7)
     for distance, params in (("cosine", {}), ("sqeuclidean", {"max_clusters": 40})):
         runs = []
         for compiled in (True, False):
-            StreamClusterer.compiled = compiled
+            monkeypatch.setattr(StreamClusterer, "compiled", compiled)
             c = StreamClusterer(D, threshold=0.8, distance=distance, refine_every=25, **params)
             runs.append([a for s in range(0, len(x), 64) for a in c.partial_fit(x[s:s + 64])])
             runs[-1].append(c.stats)
