@@ -117,7 +117,7 @@ static void dot4(const float *x, const float *p, Py_ssize_t d, float out[4])
 #endif
 }
 
-/* A C-contiguous array of `kind` ('f' float32, 'd' float64, 'q' int64) with `ndim` dimensions and
+/* A C-contiguous array of `kind` ('f' float32, 'd' float64, 'q' int64, '?' bool) with `ndim` dimensions and
  * at least `len` rows (and `width` columns when 2-D); writable when asked. */
 static int get(PyObject *obj, Py_buffer *view, const char *name, char kind, int ndim, Py_ssize_t len,
                Py_ssize_t width, int writable)
@@ -132,6 +132,7 @@ static int get(PyObject *obj, Py_buffer *view, const char *name, char kind, int 
     switch (kind) {
     case 'f': ok = f[0] == 'f' && view->itemsize == 4; break;
     case 'd': ok = f[0] == 'd' && view->itemsize == 8; break;
+    case '?': ok = (f[0] == '?' || f[0] == 'B') && view->itemsize == 1; break;
     default:  ok = (f[0] == 'q' || f[0] == 'l') && view->itemsize == 8; break;
     }
     ok = ok && f[1] == '\0' && view->ndim == ndim && view->shape[0] >= len;
@@ -292,9 +293,152 @@ fail:
     return NULL;
 }
 
+
+/* two_means(X, sizes, mask, gap, iters): 2-means inside each group of consecutive rows of X
+ * (float32 [R, d]; group g has sizes[g] rows), as _two_means in clustering.py computes it (see
+ * there), in double precision: writes mask (bool [R], the rows of each group's second half) and
+ * gap (float64 [G], squared distance between the halves' means, 0 if a half is empty). */
+static void farthest(const float *X, Py_ssize_t m, Py_ssize_t d, const double *c, double *out)
+{
+    Py_ssize_t best = 0;
+    double top = -1.0;
+    for (Py_ssize_t r = 0; r < m; r++) {
+        double s = 0.0;
+        for (Py_ssize_t k = 0; k < d; k++) {
+            double t = (double)X[r * d + k] - c[k];
+            s += t * t;
+        }
+        if (s > top) { /* the first of equals, as numpy's argmax */
+            top = s;
+            best = r;
+        }
+    }
+    for (Py_ssize_t k = 0; k < d; k++)
+        out[k] = X[best * d + k];
+}
+
+static PyObject *two_means(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "two_means takes 5 arguments");
+        return NULL;
+    }
+    long iters = PyLong_AsLong(args[4]);
+    if (iters == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer bx, bs, bm, bg;
+    if (get(args[0], &bx, "X", 'f', 2, 0, -1, 0) < 0)
+        return NULL;
+    Py_ssize_t R = bx.shape[0], d = bx.shape[1];
+    if (get(args[1], &bs, "sizes", 'q', 1, 0, -1, 0) < 0)
+        goto fail_x;
+    Py_ssize_t G = bs.shape[0];
+    const int64_t *sizes = bs.buf;
+    int64_t total_rows = 0;
+    for (Py_ssize_t g = 0; g < G; g++) {
+        if (sizes[g] < 1) {
+            PyErr_SetString(PyExc_ValueError, "two_means: every group needs a row");
+            goto fail_s;
+        }
+        total_rows += sizes[g];
+    }
+    if (total_rows != R) {
+        PyErr_SetString(PyExc_ValueError, "two_means: sizes do not add up to the rows of X");
+        goto fail_s;
+    }
+    if (get(args[2], &bm, "mask", '?', 1, R, -1, 1) < 0)
+        goto fail_s;
+    if (get(args[3], &bg, "gap", 'd', 1, G, -1, 1) < 0)
+        goto fail_m;
+    double *work = PyMem_Malloc(sizeof(double) * 5 * (size_t)(d > 0 ? d : 1));
+    if (work == NULL) {
+        PyErr_NoMemory();
+        goto fail_g;
+    }
+    const float *X = bx.buf;
+    unsigned char *mask = bm.buf;
+    double *gap = bg.buf;
+    Py_BEGIN_ALLOW_THREADS
+    double *total = work, *a = work + d, *b = work + 2 * d, *c = work + 3 * d, *sb = work + 4 * d;
+    Py_ssize_t start = 0;
+    for (Py_ssize_t g = 0; g < G; g++) {
+        Py_ssize_t m = (Py_ssize_t)sizes[g];
+        const float *Xg = X + start * d;
+        unsigned char *mg = mask + start;
+        for (Py_ssize_t k = 0; k < d; k++)
+            total[k] = 0.0;
+        for (Py_ssize_t r = 0; r < m; r++)
+            for (Py_ssize_t k = 0; k < d; k++)
+                total[k] += Xg[r * d + k];
+        for (Py_ssize_t k = 0; k < d; k++)
+            c[k] = total[k] / (double)m;
+        farthest(Xg, m, d, c, a);
+        farthest(Xg, m, d, a, b);
+        double nb = 0.0;
+        for (long it = 0; it < iters; it++) {
+            double aa = 0.0, bbn = 0.0;
+            for (Py_ssize_t k = 0; k < d; k++) {
+                aa += a[k] * a[k];
+                bbn += b[k] * b[k];
+            }
+            double half = 0.5 * (bbn - aa);
+            int changed = it == 0;
+            for (Py_ssize_t r = 0; r < m; r++) {
+                double s = 0.0;
+                for (Py_ssize_t k = 0; k < d; k++)
+                    s += (double)Xg[r * d + k] * (b[k] - a[k]);
+                unsigned char v = s > half;
+                changed |= v != mg[r];
+                mg[r] = v;
+            }
+            if (!changed)
+                break;
+            nb = 0.0;
+            for (Py_ssize_t k = 0; k < d; k++)
+                sb[k] = 0.0;
+            for (Py_ssize_t r = 0; r < m; r++)
+                if (mg[r]) {
+                    nb += 1.0;
+                    for (Py_ssize_t k = 0; k < d; k++)
+                        sb[k] += Xg[r * d + k];
+                }
+            double na = (double)m - nb;
+            for (Py_ssize_t k = 0; k < d; k++) {
+                a[k] = (total[k] - sb[k]) / (na > 1.0 ? na : 1.0);
+                b[k] = sb[k] / (nb > 1.0 ? nb : 1.0);
+            }
+        }
+        gap[g] = 0.0;
+        if (nb > 0.0 && nb < (double)m)
+            for (Py_ssize_t k = 0; k < d; k++)
+                gap[g] += (a[k] - b[k]) * (a[k] - b[k]);
+        start += m;
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(work);
+    PyBuffer_Release(&bg);
+    PyBuffer_Release(&bm);
+    PyBuffer_Release(&bs);
+    PyBuffer_Release(&bx);
+    Py_RETURN_NONE;
+
+fail_g:
+    PyBuffer_Release(&bg);
+fail_m:
+    PyBuffer_Release(&bm);
+fail_s:
+    PyBuffer_Release(&bs);
+fail_x:
+    PyBuffer_Release(&bx);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"fit_rows", (PyCFunction)(void (*)(void))fit_rows, METH_FASTCALL,
      "Assign and learn rows start..end-1 until one needs Python (see the module source)."},
+    {"two_means", (PyCFunction)(void (*)(void))two_means, METH_FASTCALL,
+     "2-means inside each group of consecutive rows (see the module source)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -607,3 +607,29 @@ def test_compiled_loop_refuses_arrays_of_the_wrong_kind(loop):
         call(sums=ro)
     with pytest.raises(TypeError):
         fit_rows(1, 2)
+
+
+def test_compiled_two_means_matches_numpy_and_checks_its_arguments(loop):
+    if loop == "numpy" or clustering._rowloop is None:
+        pytest.skip("the compiled loop only")
+    rng = np.random.default_rng(3)
+    sizes = rng.integers(2, 40, 60)
+    groups = []
+    for m in sizes:  # two blobs per group, at varied distances (some groups are one blob)
+        centres = rng.normal(size=(2, D)) * rng.choice([0.0, 0.3, 2.0])
+        groups.append(centres[rng.integers(0, 2, m)] + 0.2 * rng.normal(size=(m, D)))
+    X = np.concatenate(groups).astype(np.float32)
+    mask, gap = clustering._two_means_compiled(X, sizes)
+    want_mask, want_gap = clustering._two_means(X, sizes)
+    assert np.array_equal(mask, want_mask)
+    np.testing.assert_allclose(gap, want_gap, rtol=1e-4, atol=1e-6)
+    assert (gap > 1.0).sum() >= 10 and (gap < 0.5).sum() >= 10  # both kinds of group were there
+    two_means = clustering._rowloop.two_means
+    with pytest.raises(ValueError, match="add up"):
+        two_means(X, np.array([3], np.int64), np.empty(len(X), bool), np.empty(1), 8)
+    with pytest.raises(ValueError, match="needs a row"):
+        two_means(X, np.array([len(X), 0], np.int64), np.empty(len(X), bool), np.empty(2), 8)
+    with pytest.raises(ValueError):
+        two_means(X, sizes, np.empty(len(X) - 1, bool), np.empty(len(sizes)), 8)
+    with pytest.raises(ValueError):
+        two_means(X.astype(np.float64), sizes, np.empty(len(X), bool), np.empty(len(sizes)), 8)
