@@ -103,5 +103,6 @@ class Runtime:
 
     def describe(self) -> dict:
         return {"encoder": self.encoder.describe(), "clusterer": self.clusterer.get_params(),
+                "clusterer_loop": "c" if self.clusterer.compiled else "numpy",
                 "clusters": self.clusterer.n_clusters, "seen": self.clusterer.n_seen,
                 "model": model_identity(self.bundle)}

@@ -292,6 +292,7 @@ class Daemon:
                                "backend": enc, "max_batch": self.max_batch,
                                "max_wait_ms": self.config.max_wait_ms, "fsync": self.config.fsync,
                                "pipeline": self.pipeline,
+                               "clusterer_loop": "c" if self.state and self.state.clusterer.compiled else "numpy",
                                "inline_idle": self.config.inline_idle,
                                "fast_path": self.config.fast_path, "sync_thread": self._sync_thread,
                                "event_loop": type(self._loop).__module__.split(".")[0] if self._loop else None}}

@@ -52,6 +52,9 @@ def test_every_route_over_each_transport(server, transport):
         params = meta["parameters"]
         assert params["backend"]["backend"] == "cpu" and params["backend"]["precision"] == "int8-cpu"
         assert params["pipeline"] is False
+        from protoedge.runtime import clustering
+
+        assert params["clusterer_loop"] == ("c" if clustering._rowloop is not None else "numpy")
         before = {x["id"]: x for x in c.clusters()}
 
         x = images(6, seed=hash(transport) % 1000)
