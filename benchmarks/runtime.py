@@ -567,7 +567,11 @@ def write_markdown(res: dict, path: Path) -> None:
         for m, s in stats.items():
             L.append(f"| {b} | {m} | {s['images_per_s']:.0f} | {s['per_sample_us_p50']:.0f} | "
                      f"{s['per_sample_us_p99']:.0f} | {s['call_ms_p50']:.2f} | {s['ratio_vs_bare']:.2f}x |")
-    L += ["", "## Assign + update cost (numpy brute force, d = %d)" % res["dim"], "",
+    from protoedge.runtime import clustering
+
+    loop = ("the C loop (runtime/_rowloop.c) up to %d clusters, the numpy loop above" % clustering.ROWLOOP_MAX_CLUSTERS
+            if StreamClusterer.compiled else "the numpy loop: the C extension is not built")
+    L += ["", "## Assign + update cost (brute force, d = %d; %s)" % (res["dim"], loop), "",
           "partial_fit with k live clusters, samples that join their cluster; wall clock and process CPU "
           "time per sample. The bar uses the wall clock without the periodic repair (assign + update); "
           "with the default repair (every %d samples, over the last %d) it is shown separately."

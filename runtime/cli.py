@@ -46,8 +46,9 @@ def register_cluster(main: click.Group) -> None:
     @click.argument("bundle", type=click.Path(path_type=Path))
     @click.argument("inputs", nargs=-1, metavar="[INPUT]...")
     @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
-    @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-                  help="Bundle variant: int8-cpu is the fast INT8 for ONNX Runtime on CPUs, int8 the one for TensorRT.")
+    @click.option("--precision", type=click.Choice(("auto",) + PRECISIONS), default="fp32", show_default=True,
+                  help="Bundle variant: int8-cpu is the fast INT8 for ONNX Runtime on CPUs, int8 the one for "
+                       "TensorRT; auto picks as `serve` does (int8-cpu on the CPU backend when the bundle has it).")
     @click.option("--threads", type=click.IntRange(1), default=None, help="ONNX Runtime intra-op threads "
                   "(default: all cores).")
     @click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=None,

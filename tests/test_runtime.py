@@ -378,6 +378,21 @@ def test_cli_clusters_files_prints_scores_and_saves_state(bundle_dir, data, tmp_
     assert StreamClusterer.load(state).n_seen == 2 * len(images)
 
 
+def test_cli_precision_auto_runs_int8_cpu_and_shares_its_state_with_fp32(data, tmp_path):
+    """`cluster --precision auto` picks the daemon's CPU encoder; a state learned with FP32 goes on
+    with it (a state records the model, not the variant)."""
+    committed = REPO / "models" / "omniglot" / "bundle"
+    npz, state = tmp_path / "stream.npz", tmp_path / "state"
+    np.savez(npz, images=data[0][:40])
+    for precision in ("fp32", "auto"):
+        r = CliRunner().invoke(main, ["cluster", str(committed), str(npz), "--backend", "cpu", "--precision",
+                                      precision, "-o", str(tmp_path / f"{precision}.jsonl"), "--state", str(state)])
+        assert r.exit_code == 0, r.output
+    assert StreamClusterer.load(state).n_seen == 80
+    rt = Runtime(committed, backend="cpu", precision="auto", threads=1)
+    assert rt.encoder.precision == "int8-cpu" and rt.describe()["encoder"]["precision"] == "int8-cpu"
+
+
 def test_cli_reads_npy_arrays_from_stdin(bundle_dir, data, tmp_path):
     import io
 
