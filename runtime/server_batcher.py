@@ -14,8 +14,8 @@ worker's wake-up and the answer's trip back), which on an idle CPU cost more tha
 load requests see each other (they yield once to the loop before deciding) and queue as usual, so
 batching is unchanged; the loop is blocked for one single-request encoder call and fsync at most.
 
-pipeline (on by default; --no-pipeline turns it off): the thread only embeds, and the event loop
-applies, logs and answers each batch while the thread embeds the next one. Batches are applied in
+pipeline (`serve`'s default on GPU backends, off on the CPU): the thread only embeds, and the
+event loop applies, logs and answers each batch while the thread embeds the next one. Batches are applied in
 the order they were taken (the loop runs the hand-offs in order) and inline requests run on the
 loop too, so the state still has one user at a time.
 
