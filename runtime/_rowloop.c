@@ -1,4 +1,5 @@
-/* The stream clusterer's per-sample loop (runtime/clustering.py, StreamClusterer._fit_rows).
+/* The stream clusterer's per-sample loop (runtime/clustering.py, StreamClusterer._fit_rows), and
+ * the 2-means its repair splits clusters with (two_means, below; _two_means_compiled there).
  *
  * Each sample must meet the prototypes exactly as the samples before it left them, so the loop is
  * sequential: score every prototype, take the nearest two, and either learn the sample into the

@@ -29,8 +29,9 @@ scored against every prototype (brute force beats ANN indexes below ~10k prototy
 compiled loop of runtime/_rowloop.c, or, where the package was installed without a C compiler,
 by numpy: one matrix product per batch whose columns are patched as prototypes move. The two
 compute the same algorithm but round dot products differently, so their results agree to float
-precision, not bit for bit; each is deterministic and gives a batch the same results as its
-samples one at a time.
+precision, not bit for bit. Both are deterministic; the C loop also gives a batch bit-identical
+results to its samples one at a time (the numpy loop's matrix product may round a row's scores
+differently by its position in the batch).
 """
 from __future__ import annotations
 
@@ -58,6 +59,8 @@ _CHUNK = 64  # samples per score matrix in partial_fit (measured best of 32-256;
 # prototypes at d = 64) that memory traffic costs more than the numpy loop's per-call overhead
 # (us per sample, C / numpy: 7.0 / 19.9 at 300 clusters, 20.1 / 24.7 at 1,000, 217 / 68 at 10,000).
 ROWLOOP_MAX_CLUSTERS = 1024
+# What _rowloop.fit_rows stopped for (EV_* in runtime/_rowloop.c).
+_ROWS_DONE, _ROW_OPENS, _ROW_MAY_MERGE = 0, 1, 2
 MAX_SPREAD = 0.5  # default max_spread = this x threshold (see StreamClusterer)
 # _repair tests clusters with at least SPLIT_MIN remembered members for a split, and splits one
 # when the means of its two 2-means halves are more than SPLIT_DISTANCE thresholds apart. In
@@ -634,7 +637,6 @@ class StreamClusterer:
         try:
             while True:
                 if refine_every and self._pending + i - self._kept >= refine_every:
-                    self._row = i
                     self._remember_rows(out)
                     self._repair()
                 if i == n_rows:
@@ -643,19 +645,19 @@ class StreamClusterer:
                 row, event, k, dk = _rowloop.fit_rows(
                     x, xs, inv, xx, self._search, self._sums, self._counts, self._spread, self._seen, self._last,
                     self._sqn, out_j, out_d, out_c, self._n, i, end, step0, tau, merge, root_merge, t)
-                stop = row + 1 if event == 2 else row  # rows i..stop-1 were learned
+                stop = row + 1 if event == _ROW_MAY_MERGE else row  # rows i..stop-1 were learned
                 if stop > i:
                     ids = self._ids
                     out += [new_tuple(Assignment, (ids.item(j), d, c, False, labels[j]))
                             for j, d, c in zip(out_j[i:stop].tolist(), out_d[i:stop].tolist(), out_c[i:stop].tolist())]
-                if event == 0:
+                if event == _ROWS_DONE:
                     self._step, self._cscale = step0 + row, scales.item(row - 1)
                     i = row
                     continue
                 self._step, self._cscale = step0 + row + 1, scales.item(row)
-                if event == 2:
+                if event == _ROW_MAY_MERGE:
                     self._maybe_merge(out_j.item(row), k)
-                elif self._n == 0:
+                elif self._n == 0:  # _ROW_OPENS, the first cluster
                     slot = self._open(x[row], 1.0)
                     out.append(new_tuple(Assignment, (self._ids.item(slot), math.inf, 1.0, True, None)))
                 else:
