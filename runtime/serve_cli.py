@@ -134,9 +134,12 @@ def serve(bundle, host, port, socket_path, state_dir, backend, precision, thread
               help="Inference threads, daemon and in-process alike [default: the daemon's, all cores but one].")
 @click.option("--fsync", type=click.Choice(["both", "always", "interval"]), default="both", show_default=True,
               help="Measure the daemon with this fsync policy, or with each in turn.")
-def bench_daemon(bundle, out_dir, seconds, n_latency, threads, fsync):
+@click.option("--windows", type=click.IntRange(1, 100), default=5, show_default=True,
+              help="The main 16-client load runs this many consecutive windows of --seconds on one daemon.")
+def bench_daemon(bundle, out_dir, seconds, n_latency, threads, fsync, windows):
     """Daemon latency/throughput on loopback vs the runtime in-process; writes daemon.md/.json."""
     from protoedge.bench_scripts import load_bench_script
 
     module = load_bench_script("daemon")
-    module.run_benchmark(bundle=bundle, out_dir=out_dir, seconds=seconds, n_latency=n_latency, threads=threads, fsync=fsync)
+    module.run_benchmark(bundle=bundle, out_dir=out_dir, seconds=seconds, n_latency=n_latency, threads=threads, fsync=fsync,
+                         windows=windows)
