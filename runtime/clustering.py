@@ -87,23 +87,39 @@ class one_blas_thread:
     would feel)."""
 
     _libs = None
+    # Blocks open on any thread. Nested blocks (Runtime.cluster's around each piece's partial_fit)
+    # skip the controllers: the limit is already set, and they cost ~10 us a call. The library
+    # setting is process-wide, so the first block in sets it and the last one out restores it.
+    _depth = 0
+    _restore: list = []
+    _guard = threading.Lock()
 
     def __enter__(self):
-        if one_blas_thread._libs is None:
-            from threadpoolctl import ThreadpoolController
+        cls = one_blas_thread
+        with cls._guard:
+            cls._depth += 1
+            if cls._depth > 1:
+                return self
+            if cls._libs is None:
+                from threadpoolctl import ThreadpoolController
 
-            one_blas_thread._libs = ThreadpoolController().select(user_api="blas").lib_controllers
-        self._restore = []
-        for lib in one_blas_thread._libs:
-            n = lib.get_num_threads()
-            if n != 1:
-                lib.set_num_threads(1)
-                self._restore.append((lib, n))
+                cls._libs = ThreadpoolController().select(user_api="blas").lib_controllers
+            cls._restore = []
+            for lib in cls._libs:
+                n = lib.get_num_threads()
+                if n != 1:
+                    lib.set_num_threads(1)
+                    cls._restore.append((lib, n))
         return self
 
     def __exit__(self, *exc):
-        for lib, n in self._restore:
-            lib.set_num_threads(n)
+        cls = one_blas_thread
+        with cls._guard:
+            cls._depth -= 1
+            if cls._depth == 0:
+                for lib, n in cls._restore:
+                    lib.set_num_threads(n)
+                cls._restore = []
         return False
 
 
@@ -1083,8 +1099,10 @@ class StreamClusterer:
         touched = _distinct(slots, self._n)
         if len(touched) < 2:
             return
-        sq = self._sqn[touched]
-        d = (x * x).sum(1)[:, None] - 2.0 * (x @ self._search[touched].T) + sq[None]
+        # |x|^2 is the same for every prototype, so the nearest one minimises |p|^2 - 2 x.p
+        d = x @ self._search[touched].T
+        d *= -2.0
+        d += self._sqn[touched]
         best = touched[d.argmin(1)]
         slots_before = slots.copy()
         moved = np.flatnonzero(best != slots)
@@ -1127,12 +1145,25 @@ class StreamClusterer:
         ids = self._ids[slots].tolist()
         while len(ids) >= 2:
             p, sq, c = self._search[slots], self._sqn[slots], self._counts[slots] * self._cscale
-            d = np.maximum(sq[:, None] + sq[None] - 2.0 * (p @ p.T), 0.0)
-            d.flat[::len(d) + 1] = np.inf  # np.fill_diagonal, without its checks
-            a, b = np.nonzero(d < MERGE_CAP * tau)  # the few pairs close enough, in row-major order
+            g = p @ p.T
+            # The few pairs close enough, in row-major order. |p_a - p_b|^2 < cap means
+            # p_a.p_b > (|p_a|^2 + |p_b|^2 - cap) / 2: a test on the Gram matrix finds the
+            # candidates (with a margin for rounding), the distance formula then decides for those
+            # few, so the pairs are exactly the ones the full distance matrix would give.
+            cap = MERGE_CAP * tau
+            if self.distance == "cosine":  # unit prototypes: |p|^2 = 1
+                near = g > 1.0 - 0.5 * cap - 1e-4
+            else:
+                near = g > 0.5 * (sq[:, None] + sq[None] - cap) - 1e-4 * (1.0 + np.abs(g))
+            near.flat[::len(near) + 1] = False  # np.fill_diagonal, without its checks
+            a, b = np.nonzero(near)
+            d = np.maximum(sq[a] + sq[b] - 2.0 * g[a, b], 0.0)
+            close = d < cap
+            if not close.all():
+                a, b, d = a[close], b[close], d[close]
             if not len(a):
                 return
-            cost = c[a] * c[b] / (c[a] + c[b]) * d[a, b]
+            cost = c[a] * c[b] / (c[a] + c[b]) * d
             if len(labels) - labels.count(None) > 1:  # known classes with different names never merge
                 for k in np.flatnonzero(np.isfinite(cost)).tolist():
                     u, v = labels[slots[a[k]]], labels[slots[b[k]]]

@@ -512,6 +512,55 @@ def test_blas_runs_on_one_thread_inside_the_clusterer_and_is_restored_after(monk
     assert seen and all(t == [1] * len(before) for t in seen)
 
 
+def test_the_one_thread_blas_limit_holds_until_the_last_block_on_any_thread_ends():
+    """Blocks nest (Runtime.cluster's around each piece's partial_fit) and overlap across threads
+    (the daemon's worker and a caller): the limit stays until the last one leaves, then the
+    setting from before the first comes back. (OpenBLAS ignores a raise of its thread count asked
+    from a thread other than the main one, so the restore is checked with the main thread last.)"""
+    import threading
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from protoedge.runtime.clustering import one_blas_thread
+
+    with one_blas_thread():
+        pass
+    ours = {lib.filepath for lib in one_blas_thread._libs}
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["filepath"] in ours]
+
+    def other_thread_inside(inside, leave):
+        with one_blas_thread():
+            inside.set()
+            leave.wait(10)
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        one = [1] * len(before)
+        with one_blas_thread():
+            with one_blas_thread():
+                assert blas_threads() == one
+            assert blas_threads() == one  # the inner block left the limit on
+            inside, leave = threading.Event(), threading.Event()
+            t = threading.Thread(target=other_thread_inside, args=(inside, leave))
+            t.start()
+            assert inside.wait(10)
+            leave.set()
+            t.join(10)
+            assert blas_threads() == one  # the other thread left first: this block still holds
+        assert blas_threads() == before
+
+        inside, leave = threading.Event(), threading.Event()
+        t = threading.Thread(target=other_thread_inside, args=(inside, leave))
+        with one_blas_thread():
+            t.start()
+            assert inside.wait(10)
+        assert blas_threads() == one  # this block left first: the other thread's still holds
+        leave.set()
+        t.join(10)
+
+
 @pytest.mark.parametrize("memory", [256, 10])
 def test_a_batch_remembers_the_same_rows_as_one_sample_at_a_time(memory):
     """partial_fit writes a batch's rows into the repair memory in bulk (before each repair and at
