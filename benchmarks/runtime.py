@@ -120,7 +120,7 @@ def bench_speed(bundle, images: np.ndarray, repeats: int) -> dict:
     out = {"threads": threads, "torch": torch_note, "batches": {}, "host_steal_pct": {}}
     for b in BATCHES:
         ticks = cpu_ticks()
-        n_rep = repeats * (4 if b == 1 else 2 if b == 8 else 1)
+        n_rep = repeats * 4  # ~50 rounds at every batch size: the paired ratios need many on a shared host
         times = {m: [] for m in methods}
         rounds = {m: [] for m in methods}  # each round's median call time, per method
         for f in methods.values():  # warm-up

@@ -162,7 +162,7 @@ def register_bench_runtime(bench: click.Group) -> None:
     @click.option("--results", type=click.Path(file_okay=False, path_type=Path),
                   default=Path("benchmarks/results"), show_default=True)
     @click.option("--streams", default=50, show_default=True, help="Random Omniglot streams for (a).")
-    @click.option("--repeats", default=50, show_default=True, help="Timed runs per batch size.")
+    @click.option("--repeats", default=50, show_default=True, help="Timed calls per batch size and method: 4 x this, in rounds of 4 (50 -> 50 rounds).")
     @click.option("--quick", is_flag=True, help="Fewer repeats and streams (a smoke run, not for the record).")
     def bench_runtime(bundle, mnist_bundle, results, streams, repeats, quick):
         """Runtime speed (vs bare onnxruntime and eager torch) and stream clustering quality."""
