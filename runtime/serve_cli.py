@@ -136,10 +136,14 @@ def serve(bundle, host, port, socket_path, state_dir, backend, precision, thread
               help="Measure the daemon with this fsync policy, or with each in turn.")
 @click.option("--windows", type=click.IntRange(1, 100), default=5, show_default=True,
               help="The main 16-client load runs this many consecutive windows of --seconds on one daemon.")
-def bench_daemon(bundle, out_dir, seconds, n_latency, threads, fsync, windows):
+@click.option("--quiet-windows", type=click.IntRange(0, 100), default=3, show_default=True,
+              help="Then more windows (up to --max-windows in all) until this many ran with the host "
+                   "stealing under 3% of the CPU (read from /proc/stat).")
+@click.option("--max-windows", type=click.IntRange(1, 200), default=20, show_default=True)
+def bench_daemon(bundle, out_dir, seconds, n_latency, threads, fsync, windows, quiet_windows, max_windows):
     """Daemon latency/throughput on loopback vs the runtime in-process; writes daemon.md/.json."""
     from protoedge.bench_scripts import load_bench_script
 
     module = load_bench_script("daemon")
     module.run_benchmark(bundle=bundle, out_dir=out_dir, seconds=seconds, n_latency=n_latency, threads=threads, fsync=fsync,
-                         windows=windows)
+                         windows=windows, quiet_windows=quiet_windows, max_windows=max_windows)
