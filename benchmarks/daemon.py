@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protoedge.hostcpu import cpu_ticks, steal_percent
+from protoedge.hostcpu import cpu_ticks, format_steal, steal_percent
 
 N_IMAGES = 512  # distinct images cycled through by every client
 
@@ -350,15 +350,13 @@ def measure_daemon(bundle: str, fsync: str, seconds: float, n_latency: int, thre
             print(f"[fsync {fsync}] throughput with {k} clients", file=sys.stderr)
             cpu0, loop0 = _proc_cpu_seconds(server.pid), _thread_cpu_seconds(server.pid, server.pid)
             b0, ticks0 = _batch_counters(url), cpu_ticks()
-            runs = []
-            def quiet() -> int:
-                return sum(w["steal_pct"] < QUIET_STEAL_PCT for w in runs)  # NaN (no /proc/stat): never quiet
-
+            runs, n_quiet = [], 0
             while (len(runs) < (windows_16 if k == 16 else 1)
-                   or (k == 16 and quiet() < quiet_windows and len(runs) < max_windows)):
+                   or (k == 16 and n_quiet < quiet_windows and len(runs) < max_windows)):
                 w0 = cpu_ticks()
                 runs.append(_run_worker("load", url=url, clients=k, seconds=seconds))
                 runs[-1]["steal_pct"] = steal_percent(w0, cpu_ticks())
+                n_quiet += runs[-1]["steal_pct"] < QUIET_STEAL_PCT  # NaN (no /proc/stat): never quiet
             b1, steal = _batch_counters(url), steal_percent(ticks0, cpu_ticks())
             t = {"images": sum(w["images"] for w in runs), "rejected": sum(w["rejected"] for w in runs),
                  "elapsed_s": sum(w["elapsed_s"] for w in runs), "client_cpu_s": sum(w["client_cpu_s"] for w in runs),
@@ -465,7 +463,7 @@ def run_benchmark(bundle: str, out_dir: str = "benchmarks/results", seconds: flo
         d["targets"] = {"p50_ms_le_3": d["latency_1_client"]["p50_ms"] <= 3.0,
                         "p99_ms_le_15": d["latency_1_client"]["p99_ms"] <= 15.0,
                         "16_clients_ge_3000_images_per_s": t16 >= 3000.0}
-        quiet = _quiet_windows(d["throughput"]["16"].get("windows", []), {"quiet_steal_pct": QUIET_STEAL_PCT})
+        quiet = _quiet_windows(d["throughput"]["16"].get("windows", []), QUIET_STEAL_PCT)
         d["targets"]["16_clients_quiet_windows_median_ge_3000"] = (
             bool(np.median(quiet) >= 3000.0) if quiet else None)
     results = {
@@ -495,14 +493,13 @@ def _kept_notes(path: Path) -> str:
     return "\n" + text[i + 1:] if i >= 0 else ""
 
 
-def _quiet_windows(windows: list[dict], setup: dict) -> list[float]:
-    limit = setup.get("quiet_steal_pct", QUIET_STEAL_PCT)
+def _quiet_windows(windows: list[dict], limit: float) -> list[float]:
     return [x["images_per_s"] for x in windows if x["steal_pct"] < limit]
 
 
 def _quiet_summary(windows: list[dict], setup: dict) -> str:
-    q = _quiet_windows(windows, setup)
     limit = setup.get("quiet_steal_pct", QUIET_STEAL_PCT)
+    q = _quiet_windows(windows, limit)
     text = (f"The {len(q)} window{'s' if len(q) > 1 else ''} with under {limit:g}% steal: slowest {min(q):.0f}, median "
             f"{float(np.median(q)):.0f} images/s." if q else f"No window ran with under {limit:g}% steal.")
     steal = np.array([x["steal_pct"] for x in windows])
@@ -517,8 +514,7 @@ def _quiet_summary(windows: list[dict], setup: dict) -> str:
 
 
 def _steal(t: dict, key: str = "host_steal_pct") -> str:
-    v = t.get(key, float("nan"))  # results written before steal was recorded have none
-    return "n/a" if v != v else f"{v:.1f}"
+    return format_steal(t.get(key))
 
 
 def render_markdown(r: dict) -> str:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from protoedge.datasets import load_split
 from protoedge.fewshot import l2_normalize, soft_kmeans_refine
-from protoedge.hostcpu import cpu_ticks, steal_percent
+from protoedge.hostcpu import cpu_ticks, format_steal, steal_percent
 from protoedge.metrics import clustering_scores, mean_ci95
 from protoedge.runtime import Runtime, StreamClusterer, load_bundle, open_encoder
 from protoedge.runtime.threshold_search import select_threshold
@@ -487,8 +487,7 @@ def _threshold_source(bundle) -> str:
 # ----------------------------------------------------------------------------- report
 
 def _steal(speed: dict, batch: str) -> str:
-    v = speed["host_steal_pct"].get(batch, float("nan"))
-    return "n/a" if v != v else f"{v:.1f}"
+    return format_steal(speed["host_steal_pct"].get(batch))
 
 
 def _bars(res: dict) -> list[dict]:

@@ -28,3 +28,8 @@ def steal_percent(before: tuple[int, ...] | None, after: tuple[int, ...] | None)
         return math.nan
     total = sum(after) - sum(before)
     return 100.0 * (after[7] - before[7]) / total if total > 0 else math.nan
+
+
+def format_steal(value: float | None) -> str:
+    """A steal share for a report: one decimal, or n/a (no /proc/stat, or results from before it)."""
+    return "n/a" if value is None or value != value else f"{value:.1f}"
