@@ -61,6 +61,10 @@ def register_cluster(main: click.Group) -> None:
                   help="Per-sample decay of cluster counts [default: 0.999].")
     @click.option("--refine-every", type=click.IntRange(0), default=None,
                   help="Repair (split mixed clusters, reassign, merge fragments) every N samples over the last 256, 0 = off [default: 50].")
+    @click.option("--recluster/--no-recluster", default=None,
+                  help="At each repair, also redraw the remembered samples' clusters where Ward's hierarchy cut "
+                       "by silhouette fits better (streams of few, look-alike classes: +2.7 points ACC on "
+                       "benchmark (a); costs ~10 ms a repair while active) [default: off].")
     @click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                   help="Resume from and save to this state folder.")
     @click.option("--keep", type=click.IntRange(1), default=3, show_default=True,
@@ -75,7 +79,7 @@ def register_cluster(main: click.Group) -> None:
     @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                   help="Engine/timing caches for the GPU backends (default: ~/.cache/protoedge).")
     def cluster(bundle, inputs, backend, precision, threads, threshold, tune_on, max_clusters, decay, refine_every,
-                state_dir, keep, use_labels, labels_file, output, batch_size, cache_dir):
+                recluster, state_dir, keep, use_labels, labels_file, output, batch_size, cache_dir):
         """Cluster images with BUNDLE and write one JSON line per image.
 
         INPUT is an image folder, an .npz/.npy file or an image; '-' (or nothing) reads .npy arrays
@@ -84,13 +88,13 @@ def register_cluster(main: click.Group) -> None:
         """
         run_cluster_command(bundle, inputs, backend=backend, precision=precision, threads=threads,
                             threshold=threshold, tune_on=tune_on, max_clusters=max_clusters, decay=decay,
-                            refine_every=refine_every, state_dir=state_dir, keep=keep, use_labels=use_labels,
+                            refine_every=refine_every, recluster=recluster, state_dir=state_dir, keep=keep, use_labels=use_labels,
                             labels_file=labels_file, output=output, batch_size=batch_size, cache_dir=cache_dir)
 
 
 def run_cluster_command(bundle, inputs, *, backend, precision, threads, threshold, max_clusters, decay,
                         refine_every, state_dir, keep, use_labels, labels_file, output, batch_size, cache_dir,
-                        tune_on=None):
+                        tune_on=None, recluster=None):
     import sys
 
     import numpy as np
@@ -113,7 +117,7 @@ def run_cluster_command(bundle, inputs, *, backend, precision, threads, threshol
     try:
         rt = Runtime(bundle, backend=backend, precision=precision, threads=threads, state_dir=state_dir,
                      cache_dir=cache_dir, keep=keep, threshold=threshold, max_clusters=max_clusters,
-                     decay=decay, refine_every=refine_every)
+                     decay=decay, refine_every=refine_every, recluster=recluster)
         spec = rt.bundle.input_spec
         size, channels = (spec["height"], spec["width"]), spec["channels"]
         if tune_on:

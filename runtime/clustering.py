@@ -20,7 +20,12 @@ single-pass limit of DP-means (Kulis & Jordan 2012) as used by Online ProtoNet /
   remembered sample moves to its nearest prototype (a hard k-means step, the zero-temperature
   limit of the soft one in Ren et al. 2018), and the fragments a class left behind early are
   merged back by Ward's criterion. A wrong early join would otherwise leave one cluster holding
-  two classes for good; on Protocol-A streams this is worth 2-3 points of ACC.
+  two classes for good; on Protocol-A streams this is worth 2-3 points of ACC;
+* with ``recluster=True`` the repair then asks runtime/recluster.py for a second opinion: Ward's
+  hierarchy over the unlabelled clusters' remembered samples, cut at the cluster count (+-5) with
+  the best silhouette, replaces the partition when it scores better (one global threshold cannot
+  fit every pair of classes; off by default: ~10 ms per repair while the memory holds few, large
+  clusters).
 
 Distances follow the bundle: ``cosine`` = squared Euclidean between L2-normalised vectors
 (2 - 2 cos), ``sqeuclidean`` = squared Euclidean on raw embeddings. Prototypes live in a
@@ -75,6 +80,14 @@ SPLIT_DISTANCE = 0.75
 # thresholds and their prototypes are within MERGE_CAP thresholds (see _merge_close).
 MERGE_COST = 2.25
 MERGE_CAP = 0.5
+# The repair's re-clustering (recluster=True, runtime/recluster.py): Ward cuts at the memory's
+# cluster count +- RECLUSTER_SPAN, adopted when the best silhouette beats the current partition's
+# by RECLUSTER_MARGIN; only when the memory holds RECLUSTER_MIN_MEMBERS samples per cluster on
+# average, since a silhouette says little about clusters of one or two (and the cut would cost
+# ~3 ms per repair on a memory spread over hundreds of clusters, where it is skipped).
+RECLUSTER_SPAN = 5
+RECLUSTER_MARGIN = 0.01
+RECLUSTER_MIN_MEMBERS = 4
 
 
 class one_blas_thread:
@@ -227,7 +240,7 @@ class StreamClusterer:
     def __init__(self, dim: int, threshold: float, distance: str = "cosine", max_clusters: int = 1000,
                  decay: float = 0.999, merge_threshold: float | None = None, temperature: float = 10.0,
                  refine_every: int = 50, memory: int = 256, min_size: int = 2, max_spread: float | None = None,
-                 model: dict | None = None):
+                 recluster: bool = False, model: dict | None = None):
         if distance not in ("cosine", "sqeuclidean"):
             raise InputError(f"distance must be 'cosine' or 'sqeuclidean', not {distance!r}")
         if not (isinstance(dim, (int, np.integer)) and dim > 0):
@@ -261,6 +274,7 @@ class StreamClusterer:
         self.memory = int(memory)
         self.min_size = int(min_size)
         self.max_spread = MAX_SPREAD * self.threshold if max_spread is None else float(max_spread)
+        self.recluster = bool(recluster)
         self.model = dict(model or {})
         self._lock = threading.RLock()
         self._reset(capacity=min(64, self.max_clusters))
@@ -285,7 +299,8 @@ class StreamClusterer:
         return {"dim": self.dim, "threshold": self.threshold, "distance": self.distance,
                 "max_clusters": self.max_clusters, "decay": self.decay,
                 "merge_threshold": self.merge_threshold, "temperature": self.temperature,
-                "refine_every": self.refine_every, "memory": self.memory, "min_size": self.min_size, "max_spread": self.max_spread}
+                "refine_every": self.refine_every, "memory": self.memory, "min_size": self.min_size, "max_spread": self.max_spread,
+                "recluster": self.recluster}
 
     def _reset(self, capacity: int) -> None:
         d = self.dim
@@ -315,7 +330,8 @@ class StreamClusterer:
         self._step = 0
         self._next_id = 0
         # "refinements" counts repairs (the name predates them; saved states and metrics use it)
-        self._stats = {"created": 0, "evicted": 0, "merged": 0, "split": 0, "dissolved": 0, "refinements": 0}
+        self._stats = {"created": 0, "evicted": 0, "merged": 0, "split": 0, "dissolved": 0, "refinements": 0,
+                       "reclustered": 0}
         # a ring of the last `memory` samples (row, cluster id, step), and how many arrived since
         # the last repair: what _repair works on
         self._mem_x = np.zeros((self.memory, d), np.float32)
@@ -1041,7 +1057,49 @@ class StreamClusterer:
         self._reassign(x, slots, weight)
         self._mem_id[ring] = self._ids[slots]  # merges below leave aliases that resolve these
         self._merge_close(_distinct(slots, self._n))
+        if self.recluster:
+            slots = self._slots_of(self._mem_id[ring])  # after the merges
+            labels = self._labels
+            free = np.flatnonzero([s >= 0 and labels[s] is None for s in slots.tolist()])
+            part = slots[free]
+            self._recluster(x[free], part, weight[free])
+            self._mem_id[ring[free]] = self._ids[part]  # the others' ids are unchanged
         self._stats["refinements"] += 1
+
+    def _recluster(self, x: np.ndarray, slots: np.ndarray, weight: np.ndarray) -> None:
+        """Replace the memory's partition by a Ward cut with a better silhouette, if one has it
+        (runtime/recluster.py): each new group takes the id of the cluster it shares most samples
+        with (one-to-one, Hungarian), the others open clusters; samples move as in _reassign.
+        _repair leaves members of labelled clusters out: a known class is not the silhouette's to
+        redraw (with them in, benchmark (c), one-shot classes then the stream, lost 3 points)."""
+        from scipy.optimize import linear_sum_assignment
+
+        from .recluster import better_partition
+
+        current, cur = np.unique(slots, return_inverse=True)
+        if len(current) < 2 or len(x) < RECLUSTER_MIN_MEMBERS * len(current):
+            return
+        groups = better_partition(x, slots, RECLUSTER_SPAN, RECLUSTER_MARGIN)
+        if groups is None:
+            return
+        shared = np.zeros((int(groups.max()) + 1, len(current)))
+        np.add.at(shared, (groups, cur.ravel()), 1.0)
+        rows, cols = linear_sum_assignment(shared, maximize=True)
+        target = np.full(len(shared), -1, np.int64)
+        target[rows] = np.where(shared[rows, cols] > 0, current[cols], -1)
+        new = np.flatnonzero(target < 0)
+        if self._n + len(new) > self.max_clusters:
+            return  # opening them would evict clusters the memory may still point at
+        for g in new.tolist():
+            members = np.flatnonzero(groups == g)
+            s = self._open(x[members[0]], 1.0)
+            self._sums[s] = 0.0  # emptied again: the move below brings its members
+            self._counts[s] = self._spread[s] = 0.0
+            self._seen[s] = 0
+            target[g] = s
+        best = target[groups]
+        self._move_members(x, slots, best, weight, _distinct(np.concatenate([slots, best]), self._n))
+        self._stats["reclustered"] += 1
 
     def _slots_of(self, ids: np.ndarray) -> np.ndarray:
         """The live slot of each cluster id in ``ids`` (-1 for evicted or removed clusters), merged
@@ -1104,13 +1162,18 @@ class StreamClusterer:
         d *= -2.0
         d += self._sqn[touched]
         best = touched[d.argmin(1)]
+        self._move_members(x, slots, best, weight, touched)
+
+    def _move_members(self, x: np.ndarray, slots: np.ndarray, best: np.ndarray, weight: np.ndarray,
+                      touched: np.ndarray) -> None:
+        """Move each remembered sample from ``slots`` to ``best`` (updating ``slots``). A cluster
+        of ``touched`` all of whose mass moved away is dissolved (unlabelled); its id then
+        resolves to the cluster that took most of its remembered samples."""
         slots_before = slots.copy()
         moved = np.flatnonzero(best != slots)
         if len(moved):
             self._move(x[moved], slots[moved], best[moved], weight[moved])
             slots[moved] = best[moved]
-        # a cluster all of whose mass moved away is dissolved; its id then resolves to the cluster
-        # that took most of its remembered samples
         drained = touched[self._counts[touched] * self._cscale <= 1e-6].tolist()
         empty = [t for t in drained if self._labels[t] is None]
         heirs = {}

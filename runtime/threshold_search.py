@@ -23,18 +23,24 @@ def silhouette(x: np.ndarray, labels: np.ndarray) -> float:
     scikit-learn). O(n^2) memory: pass a subsample of at most a few thousand rows."""
     x = np.asarray(x, np.float64)
     _, lab = np.unique(np.asarray(labels), return_inverse=True)
-    k = lab.max() + 1
-    if k < 2 or k >= len(x):
+    if lab.max() + 1 < 2 or lab.max() + 1 >= len(x):
         return -1.0
-    d = np.sqrt(pairwise_sqdist(x, x))
-    onehot = np.zeros((len(x), k))
-    onehot[np.arange(len(x)), lab] = 1
+    return silhouette_from_distances(np.sqrt(pairwise_sqdist(x, x)), lab.ravel())
+
+
+def silhouette_from_distances(d: np.ndarray, labels: np.ndarray) -> float:
+    """silhouette() from the distance matrix ``d``, for labels 0..K-1 that are all used (many
+    partitions of the same points share one matrix: runtime/recluster.py)."""
+    n = len(labels)
+    rows = np.arange(n)
+    onehot = np.zeros((n, int(labels.max()) + 1))
+    onehot[rows, labels] = 1
     sizes = onehot.sum(0)
     sums = d @ onehot                                   # [n, k] summed distance to each cluster
-    own = sizes[lab]
-    a = sums[np.arange(len(x)), lab] / np.maximum(own - 1, 1)
+    own = sizes[labels]
+    a = sums[rows, labels] / np.maximum(own - 1, 1)
     other = sums / sizes[None]
-    other[np.arange(len(x)), lab] = np.inf
+    other[rows, labels] = np.inf
     b = other.min(1)
     s = np.where(own > 1, (b - a) / np.maximum(np.maximum(a, b), 1e-12), 0.0)
     return float(s.mean())

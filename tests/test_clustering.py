@@ -190,6 +190,88 @@ def test_repair_keeps_known_classes_and_forgets_removed_clusters():
     assert c.stats["refinements"] == (len(x) - 2) // 10
 
 
+def _pairs_stream(seed=0, per=40, noise=0.02):
+    """Eight tight blobs in four pairs. A pair's blobs are 0.3 apart (squared): within the
+    threshold of 1.0, so the stream rule gives each pair one cluster, and within the split distance,
+    so the repair's 2-means leaves it; the pairs are 1.6 apart. Ward cut by silhouette separates
+    all eight."""
+    rng = np.random.default_rng(seed)
+    centres = []
+    for p in range(4):
+        centre, offset = axis(p, math.sqrt(0.8)), axis(4 + p, math.sqrt(0.3) / 2)
+        centres += [centre + offset, centre - offset]
+    y = rng.permutation(np.repeat(np.arange(8), per))
+    return (np.array(centres)[y] + noise * rng.normal(size=(len(y), D))).astype(np.float32), y
+
+
+def test_recluster_separates_classes_the_threshold_rule_joins():
+    from protoedge.metrics import hungarian_accuracy
+
+    x, y = _pairs_stream()
+    kw = dict(threshold=1.0, distance="sqeuclidean", decay=1.0)
+    plain = StreamClusterer(D, **kw)
+    plain_ids = np.array([a.cluster_id for a in plain.partial_fit(x)])
+    assert plain.n_found == 4 and plain.stats["reclustered"] == 0
+    c = StreamClusterer(D, recluster=True, **kw)
+    ids = np.array([a.cluster_id for a in c.partial_fit(x)])
+    assert c.stats["reclustered"] >= 1 and c.n_found == 8
+    final = np.array([a.cluster_id for a in c.predict(x)])
+    assert all(len(np.unique(y[final == k])) == 1 for k in np.unique(final))  # each cluster one blob
+    assert hungarian_accuracy(y, ids) >= hungarian_accuracy(y, plain_ids) + 0.3  # on arrival too
+    # the moves conserve mass: every sample still counts once (no decay)
+    assert sum(i.count for i in c.clusters()) == pytest.approx(len(x), rel=1e-6)
+    assert sum(i.seen for i in c.clusters()) == len(x)
+
+
+def test_recluster_leaves_known_classes_alone():
+    """Every class labelled from one example, closed world: the memory holds only members of
+    labelled clusters, so recluster=True must change nothing at all."""
+    x, y = _pairs_stream()
+    first = [int(np.flatnonzero(y == k)[0]) for k in range(8)]
+    rest = np.setdiff1d(np.arange(len(x)), first)
+    runs = []
+    for recluster in (False, True):
+        c = StreamClusterer(D, threshold=1e9, distance="sqeuclidean", decay=1.0, recluster=recluster)
+        c.learn_examples(x[first], [f"class {k}" for k in range(8)])
+        runs.append(([(a.cluster_id, a.label) for a in c.partial_fit(x[rest])], snapshot(c), c.stats["reclustered"]))
+    assert runs[0][0] == runs[1][0] and same_state(runs[0][1], runs[1][1]) and runs[1][2] == 0
+
+
+def test_recluster_is_skipped_while_the_memory_is_spread_over_many_clusters(monkeypatch):
+    from protoedge.runtime import recluster
+
+    calls = []
+    real = recluster.better_partition
+    monkeypatch.setattr(recluster, "better_partition", lambda *a: calls.append(1) or real(*a))
+    # 120 classes, 3 samples each: the memory's 256 samples touch ~100 clusters, fewer than
+    # RECLUSTER_MIN_MEMBERS samples each
+    x, _, _ = blobs(n_classes=120, per_class=3, noise=0.01, seed=3)
+    c = StreamClusterer(D, threshold=0.05, recluster=True)
+    c.partial_fit(x)
+    assert c.stats["refinements"] >= 5 and not calls
+    x, _ = _pairs_stream()  # the control: a few clusters, many samples each
+    StreamClusterer(D, threshold=1.0, distance="sqeuclidean", recluster=True).partial_fit(x)
+    assert calls
+
+
+def test_recluster_setting_and_a_resumed_stream_survive_save_and_load(tmp_path):
+    x, _ = _pairs_stream()
+    kw = dict(threshold=1.0, distance="sqeuclidean", recluster=True)
+    whole = StreamClusterer(D, **kw)
+    whole.partial_fit(x)
+    first = StreamClusterer(D, **kw)
+    first.partial_fit(x[:150])
+    first.save(tmp_path)
+    resumed = StreamClusterer.load(tmp_path)
+    assert resumed.recluster and resumed.get_params() == whole.get_params()
+    resumed.partial_fit(x[150:])
+    a, b = snapshot(resumed), snapshot(whole)
+    assert a[0] == b[0] and np.array_equal(a[1], b[1]) and resumed.stats == whole.stats
+    # counts are kept divided by a running scale; a resumed run's rounds in its last digits
+    assert [(i, lab, seen) for i, lab, _, seen in a[2]] == [(i, lab, seen) for i, lab, _, seen in b[2]]
+    assert [n for _, _, n, _ in a[2]] == pytest.approx([n for _, _, n, _ in b[2]], rel=1e-12)
+
+
 def test_two_means_per_group_matches_a_direct_two_means():
     from protoedge.runtime.clustering import _two_means
 
