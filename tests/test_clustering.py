@@ -272,6 +272,27 @@ def test_recluster_setting_and_a_resumed_stream_survive_save_and_load(tmp_path):
     assert [n for _, _, n, _ in a[2]] == pytest.approx([n for _, _, n, _ in b[2]], rel=1e-12)
 
 
+def test_repairs_thin_out_while_the_full_memory_is_spread_over_many_clusters(tmp_path):
+    """150 classes seen 4 times each: once the memory is full it touches more than a quarter as
+    many clusters as it holds samples, and repairs come every SPARSE_PERIOD x refine_every samples;
+    a stream of a few large clusters keeps the period. A resumed stream keeps the period too."""
+    x, _, _ = blobs(n_classes=150, per_class=4, noise=0.01, seed=5)
+    c = StreamClusterer(D, threshold=0.05)
+    c.partial_fit(x)
+    # at 50..250 the memory is not full; at 300 it is, and sparse: then 300 + 200 = 500
+    assert c.stats["refinements"] == 7 and c._period == clustering.SPARSE_PERIOD * 50
+    first = StreamClusterer(D, threshold=0.05)
+    first.partial_fit(x[:333])
+    first.save(tmp_path)
+    resumed = StreamClusterer.load(tmp_path)
+    resumed.partial_fit(x[333:])
+    assert resumed.stats == c.stats and np.array_equal(resumed.prototypes()[1], c.prototypes()[1])
+    dense, _ = _pairs_stream()
+    d = StreamClusterer(D, threshold=1.0, distance="sqeuclidean")
+    d.partial_fit(dense)
+    assert d._period == 50 and d.stats["refinements"] == len(dense) // 50
+
+
 def test_two_means_per_group_matches_a_direct_two_means():
     from protoedge.runtime.clustering import _two_means
 
