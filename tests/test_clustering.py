@@ -237,6 +237,25 @@ def test_recluster_leaves_known_classes_alone():
     assert runs[0][0] == runs[1][0] and same_state(runs[0][1], runs[1][1]) and runs[1][2] == 0
 
 
+def test_recluster_redraws_unlabelled_clusters_around_a_known_class():
+    """One blob labelled, the stream open: the labelled cluster (which also takes its pair's other
+    blob, within the threshold) keeps its id, label and members; the unlabelled pairs are split."""
+    x, y = _pairs_stream()
+    first = int(np.flatnonzero(y == 0)[0])
+    rest = np.delete(np.arange(len(x)), first)
+    c = StreamClusterer(D, threshold=1.0, distance="sqeuclidean", decay=1.0, recluster=True)
+    known = c.learn_examples(x[[first]], ["zero"])["zero"]
+    c.partial_fit(x[rest])
+    assert c.stats["reclustered"] >= 1
+    assert (c._slots_of(c._mem_id[c._ring()]) >= 0).all()  # every remembered sample's cluster is live
+    final = c.predict(x)
+    ids = np.array([a.cluster_id for a in final])
+    assert set(ids[(y == 0) | (y == 1)]) == {known} and {a.label for a in final if a.cluster_id == known} == {"zero"}
+    others = ids[y >= 2]
+    assert known not in others and len(np.unique(others)) == 6
+    assert all(len(np.unique(y[ids == k])) == 1 for k in np.unique(others))
+
+
 def test_recluster_is_skipped_while_the_memory_is_spread_over_many_clusters(monkeypatch):
     from protoedge.runtime import recluster
 
