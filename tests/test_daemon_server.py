@@ -189,6 +189,27 @@ def test_sigterm_drains_in_flight_requests_snapshots_and_exits_0(tmp_path):
         srv.stop()
 
 
+def test_recluster_flag_reaches_the_clusterer_and_is_pinned_in_the_state(tmp_path):
+    from protoedge.runtime.fleet import read_state
+
+    srv = Server(tmp_path, "--recluster")
+    try:
+        srv.start()
+        with srv.client() as c:
+            c.cluster(images(8))
+        assert srv.terminate() == 0
+        assert read_state(srv.state_dir).params["recluster"] is True
+        # a later start without the flag keeps the folder's setting, and says so
+        srv.cmd.remove("--recluster")
+        srv.cmd.append("--no-recluster")
+        srv.start()
+        assert srv.terminate() == 0
+        assert read_state(srv.state_dir).params["recluster"] is True
+        assert "keeps the settings it was created with" in srv.output()
+    finally:
+        srv.stop()
+
+
 def test_bearer_token_is_required_except_for_health(tmp_path):
     token = "s3cret-token-0123456789"
     tf = tmp_path / "token"
