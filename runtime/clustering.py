@@ -1097,13 +1097,14 @@ class StreamClusterer:
         from .recluster import better_partition
 
         current, cur = np.unique(slots, return_inverse=True)
+        cur = cur.ravel()  # the memory's partition as labels 0..K-1
         if len(current) < 2 or len(x) < RECLUSTER_MIN_MEMBERS * len(current):
             return
-        groups = better_partition(x, slots, RECLUSTER_SPAN, RECLUSTER_MARGIN)
+        groups = better_partition(x, cur, RECLUSTER_SPAN, RECLUSTER_MARGIN)
         if groups is None:
             return
         shared = np.zeros((int(groups.max()) + 1, len(current)))
-        np.add.at(shared, (groups, cur.ravel()), 1.0)
+        np.add.at(shared, (groups, cur), 1.0)
         rows, cols = linear_sum_assignment(shared, maximize=True)
         target = np.full(len(shared), -1, np.int64)
         target[rows] = np.where(shared[rows, cols] > 0, current[cols], -1)

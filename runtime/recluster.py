@@ -22,18 +22,18 @@ from .threshold_search import silhouette_from_distances
 def better_partition(x: np.ndarray, current: np.ndarray, span: int, margin: float) -> np.ndarray | None:
     """Cluster labels for the rows of ``x`` from Ward's hierarchy cut at K clusters, for the K
     within ``span`` of the current partition's count whose cut has the highest silhouette, if
-    that beats the current partition's silhouette by more than ``margin``; else None.
-    Euclidean distances (for unit rows, the square root of the cosine device distance)."""
+    that beats the silhouette of ``current`` (labels 0..K0-1, every one used) by more than
+    ``margin``; else None. Euclidean distances (for unit rows, the square root of the cosine
+    device distance)."""
     from scipy.cluster.hierarchy import linkage
 
     n = len(x)
-    cur = np.unique(current, return_inverse=True)[1].ravel()
-    k0 = int(cur.max()) + 1
+    k0 = int(current.max()) + 1
     if k0 < 2 or k0 >= n - 1:
         return None
     x = x.astype(np.float64)
     d = np.sqrt(pairwise_sqdist(x, x))
-    best, best_score = None, silhouette_from_distances(d, cur) + margin
+    best, best_score = None, silhouette_from_distances(d, current) + margin
     cuts = ward_cuts(linkage(x, "ward"), n, range(max(2, k0 - span), min(n - 1, k0 + span) + 1))
     for _, cut in sorted(cuts.items()):  # fewest clusters first: a tie keeps the coarser cut
         score = silhouette_from_distances(d, cut)

@@ -23,7 +23,8 @@ def silhouette(x: np.ndarray, labels: np.ndarray) -> float:
     scikit-learn). O(n^2) memory: pass a subsample of at most a few thousand rows."""
     x = np.asarray(x, np.float64)
     _, lab = np.unique(np.asarray(labels), return_inverse=True)
-    if lab.max() + 1 < 2 or lab.max() + 1 >= len(x):
+    k = lab.max() + 1
+    if k < 2 or k >= len(x):
         return -1.0
     return silhouette_from_distances(np.sqrt(pairwise_sqdist(x, x)), lab.ravel())
 

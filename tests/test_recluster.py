@@ -40,4 +40,4 @@ def test_better_partition_recovers_merged_groups_and_keeps_a_right_one():
     assert found is not None and found.max() + 1 == 6
     assert len(set(zip(found.tolist(), y.tolist()))) == 6  # the six groups exactly
     assert better_partition(x, y, span=5, margin=0.0) is None  # nothing beats the truth
-    assert better_partition(x, np.zeros(len(x), int), span=5, margin=0.0) is None  # one cluster: no silhouette
+    assert better_partition(x, np.zeros(len(x), np.int64), span=5, margin=0.0) is None  # one cluster: no silhouette
