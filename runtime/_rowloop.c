@@ -140,7 +140,7 @@ static int get(PyObject *obj, Py_buffer *view, const char *name, char kind, int 
     if (ok && ndim == 2 && width >= 0)
         ok = view->shape[1] == width;
     if (!ok) {
-        PyErr_Format(PyExc_ValueError, "fit_rows: %s has the wrong dtype or shape", name);
+        PyErr_Format(PyExc_ValueError, "_rowloop: %s has the wrong dtype or shape", name);
         PyBuffer_Release(view);
         return -1;
     }
@@ -435,11 +435,231 @@ fail_x:
     return NULL;
 }
 
+/* The repair's bookkeeping (StreamClusterer._move and _closest_pair in clustering.py):
+ * the same steps as their numpy code, each of which there is a dozen calls of a few microseconds
+ * on arrays of a few hundred rows; here one call. Slots are checked against n, the live slots. */
+
+static int slot_ok(const int64_t *s, Py_ssize_t m, Py_ssize_t n, const char *fn)
+{
+    for (Py_ssize_t i = 0; i < m; i++)
+        if (s[i] < 0 || s[i] >= n) {
+            PyErr_Format(PyExc_ValueError, "%s: slot %lld is not a live slot (0..%zd)", fn, (long long)s[i], n - 1);
+            return 0;
+        }
+    return 1;
+}
+
+/* Make slot s's searched prototype match its sum (and count), as StreamClusterer._refresh_rows. */
+static void refresh(float *search, float *sqn, const float *sums, const double *counts, Py_ssize_t s,
+                    Py_ssize_t d, int cosine)
+{
+    const float *m = sums + s * d;
+    float *p = search + s * d;
+    if (cosine) {
+        float norm = sqrtf(dot(m, m, d));
+        if (norm < 1e-30f)
+            norm = 1e-30f;
+        for (Py_ssize_t c = 0; c < d; c++)
+            p[c] = m[c] / norm;
+        sqn[s] = 1.0f;
+    } else {
+        double q = 0.0;
+        for (Py_ssize_t c = 0; c < d; c++) {
+            double v = (double)m[c] / counts[s];
+            p[c] = (float)v;
+            q += v * v;
+        }
+        sqn[s] = (float)q;
+    }
+}
+
+static double sqdist(const float *a, const float *b, Py_ssize_t d)
+{
+    float s = 0.0f;
+    for (Py_ssize_t c = 0; c < d; c++) {
+        float t = a[c] - b[c];
+        s += t * t;
+    }
+    return (double)s;
+}
+
+enum { MX, MSRC, MDST, MW, MSUMS, MCOUNTS, MSPREAD, MSEEN, MSEARCH, MSQN, M_BUF };
+
+/* move(x, src, dst, weight, sums, counts, spread, seen, search, sqn, n, cosine): remembered samples
+ * (rows of x, each with its weight in stored units) leave slot src[i] for dst[i], as
+ * StreamClusterer._move does: every subtraction first, then every addition; the prototypes of the
+ * slots involved are refreshed; each sample's distance to its old prototype leaves the old slot's
+ * spread and its distance to the new one joins the new slot's; spreads and member counts of
+ * those slots are clamped at 0 (rounding may leave a drained slot a little below). */
+static PyObject *move(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "move takes 12 arguments");
+        return NULL;
+    }
+    Py_ssize_t n = PyLong_AsSsize_t(args[10]);
+    int cosine = PyObject_IsTrue(args[11]);
+    if ((n == -1 || cosine < 0) && PyErr_Occurred())
+        return NULL;
+    static const char kinds[M_BUF] = {'f', 'q', 'q', 'd', 'f', 'd', 'd', 'q', 'f', 'f'};
+    static const char *names[M_BUF] = {"x", "src", "dst", "weight", "sums", "counts", "spread", "seen",
+                                       "search", "sqn"};
+    Py_buffer b[M_BUF];
+    int got = 0;
+    Py_ssize_t m = 0, d = -1;
+    PyObject *result = NULL;
+    char *mark = NULL;
+    double *leave = NULL;
+    for (; got < M_BUF; got++) {
+        int twod = got == MX || got == MSUMS || got == MSEARCH;
+        Py_ssize_t len = got == MX ? 0 : (got <= MW ? m : n);
+        if (get(args[got], &b[got], names[got], kinds[got], twod ? 2 : 1, len, d, got >= MSUMS) < 0)
+            goto done;
+        if (got == MX) {
+            m = b[MX].shape[0];
+            d = b[MX].shape[1];
+        }
+    }
+    const int64_t *src = b[MSRC].buf, *dst = b[MDST].buf;
+    if (!slot_ok(src, m, n, "move") || !slot_ok(dst, m, n, "move"))
+        goto done;
+    mark = PyMem_Calloc(n > 0 ? (size_t)n : 1, 1);
+    leave = PyMem_Malloc(sizeof(double) * (m > 0 ? (size_t)m : 1));
+    if (mark == NULL || leave == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const float *x = b[MX].buf;
+    const double *w = b[MW].buf;
+    float *sums = b[MSUMS].buf, *search = b[MSEARCH].buf, *sqn = b[MSQN].buf;
+    double *counts = b[MCOUNTS].buf, *spread = b[MSPREAD].buf;
+    int64_t *seen = b[MSEEN].buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < m; i++) {  /* the distance to the old prototype, before it moves */
+        leave[i] = w[i] * sqdist(x + i * d, search + src[i] * d, d);
+        mark[src[i]] = mark[dst[i]] = 1;
+    }
+    for (int pass = 0; pass < 2; pass++) {
+        const int64_t *slot = pass ? dst : src;
+        double sign = pass ? 1.0 : -1.0;
+        for (Py_ssize_t i = 0; i < m; i++) {
+            float *s = sums + slot[i] * d;
+            const float *xi = x + i * d;
+            for (Py_ssize_t c = 0; c < d; c++) {
+                float wx = (float)((double)xi[c] * w[i]);
+                s[c] += pass ? wx : -wx;
+            }
+            counts[slot[i]] += sign * w[i];
+            seen[slot[i]] += pass ? 1 : -1;
+        }
+    }
+    for (Py_ssize_t s = 0; s < n; s++)
+        if (mark[s])
+            refresh(search, sqn, sums, counts, s, d, cosine);
+    for (Py_ssize_t i = 0; i < m; i++)
+        spread[src[i]] += -leave[i];
+    for (Py_ssize_t i = 0; i < m; i++)
+        spread[dst[i]] += w[i] * sqdist(x + i * d, search + dst[i] * d, d);
+    for (Py_ssize_t s = 0; s < n; s++)
+        if (mark[s]) {
+            if (spread[s] < 0.0)
+                spread[s] = 0.0;
+            if (seen[s] < 0)
+                seen[s] = 0;
+        }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyMem_Free(mark);
+    PyMem_Free(leave);
+    for (int q = 0; q < got; q++)
+        PyBuffer_Release(&b[q]);
+    return result;
+}
+
+/* closest_pair(search, sqn, counts, slots, codes, cap, n) -> (a, b, cost): among the pairs a < b of
+ * positions in `slots` whose prototypes are closer than `cap` (squared distance), the one with the
+ * lowest Ward cost counts[a] counts[b] / (counts[a] + counts[b]) x distance, skipping pairs whose
+ * codes are both >= 0 and differ (known classes with different names); (-1, -1, inf) if none. The
+ * first of equal costs in row-major order, as numpy's argmin over the pairs. */
+static PyObject *closest_pair(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "closest_pair takes 7 arguments");
+        return NULL;
+    }
+    double cap = PyFloat_AsDouble(args[5]);
+    Py_ssize_t n = PyLong_AsSsize_t(args[6]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_buffer bs, bq, bc, bl, bk;
+    PyObject *result = NULL;
+    if (get(args[0], &bs, "search", 'f', 2, n, -1, 0) < 0)
+        return NULL;
+    Py_ssize_t d = bs.shape[1];
+    if (get(args[1], &bq, "sqn", 'f', 1, n, -1, 0) < 0)
+        goto fail_s;
+    if (get(args[2], &bc, "counts", 'd', 1, n, -1, 0) < 0)
+        goto fail_q;
+    if (get(args[3], &bl, "slots", 'q', 1, 0, -1, 0) < 0)
+        goto fail_c;
+    Py_ssize_t t = bl.shape[0];
+    if (get(args[4], &bk, "codes", 'q', 1, t, -1, 0) < 0)
+        goto fail_l;
+    const int64_t *slots = bl.buf, *codes = bk.buf;
+    if (!slot_ok(slots, t, n, "closest_pair"))
+        goto fail_k;
+    const float *search = bs.buf, *sqn = bq.buf;
+    const double *counts = bc.buf;
+    Py_ssize_t ba = -1, bb = -1;
+    double top = INFINITY;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t a = 0; a < t; a++)
+        for (Py_ssize_t b = a + 1; b < t; b++) {
+            if (codes[a] >= 0 && codes[b] >= 0 && codes[a] != codes[b])
+                continue;
+            int64_t sa = slots[a], sb = slots[b];
+            double g = (double)dot(search + sa * d, search + sb * d, d);
+            double dist = (double)sqn[sa] + (double)sqn[sb] - 2.0 * g;
+            if (dist < 0.0)
+                dist = 0.0;
+            if (!(dist < cap))
+                continue;
+            double ca = counts[sa], cb = counts[sb];
+            double cost = ca * cb / (ca + cb) * dist;
+            if (cost < top || ba < 0) {
+                top = cost;
+                ba = a;
+                bb = b;
+            }
+        }
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("nnd", ba, bb, ba < 0 ? INFINITY : top);
+fail_k:
+    PyBuffer_Release(&bk);
+fail_l:
+    PyBuffer_Release(&bl);
+fail_c:
+    PyBuffer_Release(&bc);
+fail_q:
+    PyBuffer_Release(&bq);
+fail_s:
+    PyBuffer_Release(&bs);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"fit_rows", (PyCFunction)(void (*)(void))fit_rows, METH_FASTCALL,
      "Assign and learn rows start..end-1 until one needs Python (see the module source)."},
     {"two_means", (PyCFunction)(void (*)(void))two_means, METH_FASTCALL,
      "2-means inside each group of consecutive rows (see the module source)."},
+    {"move", (PyCFunction)(void (*)(void))move, METH_FASTCALL,
+     "Move remembered samples between slots (see the module source)."},
+    {"closest_pair", (PyCFunction)(void (*)(void))closest_pair, METH_FASTCALL,
+     "The cheapest close pair of prototypes by Ward cost (see the module source)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1219,7 +1219,6 @@ class StreamClusterer:
         SPLIT_DISTANCE) keeps it from undoing a split."""
         if self.merge_threshold <= 0:  # merging is off
             return
-        tau = self.threshold
         labels = self._labels
         touched = touched[touched < self._n]
         established = self._seen[touched] >= self.min_size
@@ -1227,42 +1226,72 @@ class StreamClusterer:
             established[i] = labels[touched[i]] is not None
         slots = touched[established]
         ids = self._ids[slots].tolist()
+        closest = self._closest_pair if self.compiled else self._closest_pair_numpy
         while len(ids) >= 2:
-            p, sq, c = self._search[slots], self._sqn[slots], self._counts[slots] * self._cscale
-            g = p @ p.T
-            # The few pairs close enough, in row-major order. |p_a - p_b|^2 < cap means
-            # p_a.p_b > (|p_a|^2 + |p_b|^2 - cap) / 2: a test on the Gram matrix finds the
-            # candidates (with a margin for rounding), the distance formula then decides for those
-            # few, so the pairs are exactly the ones the full distance matrix would give.
-            cap = MERGE_CAP * tau
-            if self.distance == "cosine":  # unit prototypes: |p|^2 = 1
-                near = g > 1.0 - 0.5 * cap - 1e-4
-            else:
-                near = g > 0.5 * (sq[:, None] + sq[None] - cap) - 1e-4 * (1.0 + np.abs(g))
-            near.flat[::len(near) + 1] = False  # np.fill_diagonal, without its checks
-            a, b = np.nonzero(near)
-            d = np.maximum(sq[a] + sq[b] - 2.0 * g[a, b], 0.0)
-            close = d < cap
-            if not close.all():
-                a, b, d = a[close], b[close], d[close]
-            if not len(a):
+            pair = closest(slots)
+            if pair is None:
                 return
-            cost = c[a] * c[b] / (c[a] + c[b]) * d
-            if len(labels) - labels.count(None) > 1:  # known classes with different names never merge
-                for k in np.flatnonzero(np.isfinite(cost)).tolist():
-                    u, v = labels[slots[a[k]]], labels[slots[b[k]]]
-                    if u is not None and v is not None and u != v:
-                        cost[k] = np.inf
-            k = int(cost.argmin())
-            if not cost[k] < MERGE_COST * tau:
-                return
-            i, j = int(a[k]), int(b[k])
+            i, j = pair
             keep = self._merge_slots(int(slots[i]), int(slots[j]))
             ids = [v for v in ids if v not in (ids[i], ids[j])] + [keep]
             slots = np.array([self._slot[i] for i in ids])
 
+    def _closest_pair(self, slots: np.ndarray) -> tuple[int, int] | None:
+        """_closest_pair_numpy in runtime/_rowloop.c: the same pairs and costs, one call."""
+        labels = self._labels
+        codes = np.full(len(slots), -1, np.int64)
+        if len(labels) - labels.count(None) > 1:  # known classes with different names never merge
+            names: dict = {}
+            for q, s in enumerate(slots.tolist()):
+                if labels[s] is not None:
+                    codes[q] = names.setdefault(labels[s], len(names))
+        a, b, cost = _rowloop.closest_pair(self._search, self._sqn, self._counts, slots, codes,
+                                           MERGE_CAP * self.threshold, self._n)
+        if a < 0 or not cost * self._cscale < MERGE_COST * self.threshold:
+            return None
+        return a, b
+
+    def _closest_pair_numpy(self, slots: np.ndarray) -> tuple[int, int] | None:
+        """The positions in ``slots`` of the pair with the lowest Ward merge cost among prototypes
+        closer than MERGE_CAP thresholds, if that cost is below MERGE_COST thresholds; else None."""
+        tau = self.threshold
+        labels = self._labels
+        p, sq, c = self._search[slots], self._sqn[slots], self._counts[slots] * self._cscale
+        g = p @ p.T
+        # The few pairs close enough, in row-major order. |p_a - p_b|^2 < cap means
+        # p_a.p_b > (|p_a|^2 + |p_b|^2 - cap) / 2: a test on the Gram matrix finds the
+        # candidates (with a margin for rounding), the distance formula then decides for those
+        # few, so the pairs are exactly the ones the full distance matrix would give.
+        cap = MERGE_CAP * tau
+        if self.distance == "cosine":  # unit prototypes: |p|^2 = 1
+            near = g > 1.0 - 0.5 * cap - 1e-4
+        else:
+            near = g > 0.5 * (sq[:, None] + sq[None] - cap) - 1e-4 * (1.0 + np.abs(g))
+        near.flat[::len(near) + 1] = False  # np.fill_diagonal, without its checks
+        a, b = np.nonzero(near)
+        d = np.maximum(sq[a] + sq[b] - 2.0 * g[a, b], 0.0)
+        close = d < cap
+        if not close.all():
+            a, b, d = a[close], b[close], d[close]
+        if not len(a):
+            return None
+        cost = c[a] * c[b] / (c[a] + c[b]) * d
+        if len(labels) - labels.count(None) > 1:  # known classes with different names never merge
+            for k in np.flatnonzero(np.isfinite(cost)).tolist():
+                u, v = labels[slots[a[k]]], labels[slots[b[k]]]
+                if u is not None and v is not None and u != v:
+                    cost[k] = np.inf
+        k = int(cost.argmin())
+        if not cost[k] < MERGE_COST * tau:
+            return None
+        return int(a[k]), int(b[k])
+
     def _move(self, x: np.ndarray, src: np.ndarray, dst: np.ndarray, weight: np.ndarray) -> None:
         """Move remembered samples' contributions (weight, in stored units) between clusters."""
+        if self.compiled:
+            _rowloop.move(x, src, dst, weight, self._sums, self._counts, self._spread, self._seen, self._search,
+                          self._sqn, self._n, self.distance == "cosine")
+            return
         wx = (x * weight[:, None]).astype(np.float32)
         both = np.concatenate([src, dst])  # every subtraction first, then every addition, as
         # separate subtract.at / add.at calls would do them (a - w == a + (-w) exactly)

@@ -804,3 +804,56 @@ def test_compiled_two_means_matches_numpy_and_checks_its_arguments(loop):
         two_means(X, sizes, np.empty(len(X) - 1, bool), np.empty(len(sizes)), 8)
     with pytest.raises(ValueError):
         two_means(X.astype(np.float64), sizes, np.empty(len(X), bool), np.empty(len(sizes)), 8)
+
+
+@pytest.mark.parametrize("distance", ["cosine", "sqeuclidean"])
+def test_compiled_repair_steps_match_numpy_and_check_slots(loop, distance, monkeypatch):
+    """The repair's move of remembered samples and its search for the cheapest close pair, in C,
+    give the numpy code's state to float precision and the same pair (labels included); a slot
+    outside the live ones is refused before anything is written."""
+    if loop == "numpy" or clustering._rowloop is None:
+        pytest.skip("the compiled loop only")
+    x, _, _ = blobs(n_classes=6, per_class=30, noise=0.2, seed=11)
+
+    def build():  # the same stream gives the same state
+        c = StreamClusterer(D, threshold=0.6, distance=distance, refine_every=0)
+        c.partial_fit(x)
+        return c
+
+    base = build()
+    n = base._n
+    rng = np.random.default_rng(2)
+    rows = rng.choice(len(x), 40, replace=False)
+    src, dst = rng.integers(0, n, 40), rng.integers(0, n, 40)
+    weight = rng.uniform(0.5, 1.5, 40)
+    states = []
+    for compiled in (True, False):
+        monkeypatch.setattr(StreamClusterer, "compiled", compiled)
+        c = build()
+        c._move(base._prepare(x[rows]), src, dst, weight)
+        states.append(c)
+    fast, slow = states
+    for name in ("_sums", "_counts", "_spread", "_search", "_sqn"):
+        np.testing.assert_allclose(getattr(fast, name)[:n], getattr(slow, name)[:n], rtol=1e-4, atol=1e-5)
+    assert np.array_equal(fast._seen[:n], slow._seen[:n]) and not np.array_equal(fast._seen[:n], base._seen[:n])
+    assert (fast._spread[:n] >= 0).all() and (fast._seen[:n] >= 0).all()
+    # the cheapest close pair: unlabelled, then with two different labels on that pair
+    slots = np.arange(n, dtype=np.int64)
+    fast.threshold = 10.0  # every pair is close and cheap enough to be a candidate
+    want = fast._closest_pair_numpy(slots)
+    assert want is not None and fast._closest_pair(slots) == want
+    fast._labels[int(slots[want[0]])], fast._labels[int(slots[want[1]])] = "a", "b"
+    again = fast._closest_pair_numpy(slots)
+    assert again is not None and again != want and fast._closest_pair(slots) == again
+    before = fast._sums.copy()
+    with pytest.raises(ValueError, match="live slot"):
+        clustering._rowloop.move(fast._prepare(x[:2]), np.array([0, n], np.int64), np.array([1, 1], np.int64),
+                                 np.ones(2), fast._sums, fast._counts, fast._spread, fast._seen, fast._search,
+                                 fast._sqn, n, distance == "cosine")
+    assert np.array_equal(fast._sums, before)
+    with pytest.raises(ValueError, match="live slot"):
+        clustering._rowloop.closest_pair(fast._search, fast._sqn, fast._counts, np.array([0, -1], np.int64),
+                                         np.full(2, -1, np.int64), 1.0, n)
+    with pytest.raises(ValueError, match="wrong dtype"):
+        clustering._rowloop.closest_pair(fast._search, fast._sqn, fast._counts, np.array([0, 1], np.int32),
+                                         np.full(2, -1, np.int64), 1.0, n)
