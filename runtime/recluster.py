@@ -16,7 +16,7 @@ import numpy as np
 
 from protoedge.fewshot import pairwise_sqdist
 
-from .threshold_search import silhouette_from_distances
+from .threshold_search import silhouette_from_distances, silhouette_from_sums
 
 
 def better_partition(x: np.ndarray, current: np.ndarray, span: int, margin: float) -> np.ndarray | None:
@@ -26,34 +26,74 @@ def better_partition(x: np.ndarray, current: np.ndarray, span: int, margin: floa
     ``margin``; else None. Euclidean distances (for unit rows, the square root of the cosine
     device distance)."""
     from scipy.cluster.hierarchy import linkage
+    from scipy.spatial.distance import squareform
 
     n = len(x)
     k0 = int(current.max()) + 1
     if k0 < 2 or k0 >= n - 1:
         return None
     x = x.astype(np.float64)
+    # One distance matrix (a matrix product: scipy's pdist took 3x as long) for the silhouettes
+    # and, as its upper triangle, for the linkage, which would otherwise compute its own.
     d = np.sqrt(pairwise_sqdist(x, x))
+    np.fill_diagonal(d, 0.0)
     best, best_score = None, silhouette_from_distances(d, current) + margin
-    cuts = ward_cuts(linkage(x, "ward"), n, range(max(2, k0 - span), min(n - 1, k0 + span) + 1))
-    for _, cut in sorted(cuts.items()):  # fewest clusters first: a tie keeps the coarser cut
-        score = silhouette_from_distances(d, cut)
+    tree = linkage(squareform(d, checks=False), "ward")
+    cuts = ward_cut_scores(tree, d, range(max(2, k0 - span), min(n - 1, k0 + span) + 1))
+    for _, (score, cut) in sorted(cuts.items()):  # fewest clusters first: a tie keeps the coarser cut
         if score > best_score:
             best, best_score = cut, score
     return best
 
 
-def ward_cuts(tree: np.ndarray, n: int, ks) -> dict[int, np.ndarray]:
-    """{K: labels (0..K-1) of the n leaves after the first n - K merges of a scipy linkage
-    ``tree``} for each K in ``ks``: one pass over the merges (fcluster per K validates the whole tree each
-    time, which cost more than the linkage itself)."""
-    wanted = set(ks)
-    members = {i: [i] for i in range(n)}
-    cuts = {}
-    for m, (a, b) in enumerate(tree[:, :2].astype(np.int64).tolist()):
-        members[n + m] = members.pop(a) + members.pop(b)
-        if n - m - 1 in wanted:
-            label = np.empty(n, np.int64)
-            for g, rows in enumerate(members.values()):
-                label[rows] = g
-            cuts[n - m - 1] = label
-    return cuts
+def ward_cut_scores(tree: np.ndarray, d: np.ndarray, ks) -> dict[int, tuple[float, np.ndarray]]:
+    """{K: (silhouette, labels 0..K-1)} of the n points after the first n - K merges of a scipy
+    linkage ``tree``, for each K in ``ks``; ``d`` is their distance matrix.
+
+    One walk down the merges: the points' summed distances to each cluster are computed once at
+    the finest cut and then follow the merges (a merge adds two columns), so each further cut
+    costs O(n K) rather than a product with the n x n matrix. With the one distance matrix in
+    better_partition, a call on the repair memories of benchmark (a) (n <= 256, 11 cuts) took
+    3.8 ms of CPU against 7.1 for a silhouette from scratch per cut (measured, one BLAS thread)."""
+    n = len(d)
+    ks = sorted(set(ks))
+    kmax, kmin = ks[-1], ks[0]
+    pairs = tree[:, :2].astype(np.int64)
+    merges = pairs.tolist()
+    # the finest cut: each point's top node after the first n - kmax merges, by pointer jumping
+    parent = np.arange(2 * n - 1)
+    parent[pairs[:n - kmax].ravel()] = np.repeat(np.arange(n, 2 * n - kmax), 2)
+    top = parent[:n]
+    while True:
+        up = parent[top]
+        if np.array_equal(up, top):
+            break
+        top = up
+    nodes, label = np.unique(top, return_inverse=True)
+    label = label.ravel()
+    node_of = nodes.tolist()  # column -> tree node
+    col = {node: g for g, node in enumerate(node_of)}
+    onehot = np.zeros((n, kmax))
+    onehot[np.arange(n), label] = 1.0
+    sums, sizes = d @ onehot, onehot.sum(0)
+    out = {}
+    k, m = kmax, n - kmax
+    while True:
+        if k in ks:
+            out[k] = (silhouette_from_sums(sums[:, :k], sizes[:k], label), label.copy())
+        if k == kmin:
+            return out
+        a, b = merges[m]
+        ca, cb = sorted((col.pop(a), col.pop(b)))
+        sums[:, ca] += sums[:, cb]
+        sizes[ca] += sizes[cb]
+        label[label == cb] = ca
+        last = k - 1  # the last column fills the gap, so the labels stay 0..K-1
+        if cb != last:
+            sums[:, cb], sizes[cb] = sums[:, last], sizes[last]
+            label[label == last] = cb
+            node_of[cb] = node_of[last]
+            col[node_of[cb]] = cb
+        node_of[ca] = n + m
+        col[n + m] = ca
+        k, m = k - 1, m + 1

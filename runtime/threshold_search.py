@@ -32,12 +32,15 @@ def silhouette(x: np.ndarray, labels: np.ndarray) -> float:
 def silhouette_from_distances(d: np.ndarray, labels: np.ndarray) -> float:
     """silhouette() from the distance matrix ``d``, for labels 0..K-1 that are all used (many
     partitions of the same points share one matrix: runtime/recluster.py)."""
-    n = len(labels)
-    rows = np.arange(n)
-    onehot = np.zeros((n, int(labels.max()) + 1))
-    onehot[rows, labels] = 1
-    sizes = onehot.sum(0)
-    sums = d @ onehot                                   # [n, k] summed distance to each cluster
+    onehot = np.zeros((len(labels), int(labels.max()) + 1))
+    onehot[np.arange(len(labels)), labels] = 1
+    return silhouette_from_sums(d @ onehot, onehot.sum(0), labels)
+
+
+def silhouette_from_sums(sums: np.ndarray, sizes: np.ndarray, labels: np.ndarray) -> float:
+    """The silhouette from each point's summed distance to each cluster (``sums``, [n, K]) and
+    the cluster sizes, for labels 0..K-1 that are all used."""
+    rows = np.arange(len(labels))
     own = sizes[labels]
     a = sums[rows, labels] / np.maximum(own - 1, 1)
     other = sums / sizes[None]

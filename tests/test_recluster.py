@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from protoedge.runtime.recluster import better_partition, ward_cuts
+from protoedge.runtime.recluster import better_partition, ward_cut_scores
 from protoedge.runtime.threshold_search import silhouette_from_distances
 
 
@@ -13,17 +13,23 @@ def groups(sizes, spread=0.05, seed=0, dim=8):
     return centres[y] + spread * rng.normal(size=(len(y), dim)), y
 
 
-def test_ward_cuts_equal_scipy_fcluster():
+def test_ward_cut_scores_follow_scipy_fcluster():
+    """Each cut is the partition scipy's fcluster gives at that K, and its silhouette (carried
+    along the merges) is the one computed afresh from the distance matrix."""
     hierarchy = pytest.importorskip("scipy.cluster.hierarchy")
     x, _ = groups([12, 9, 15, 7, 11], spread=0.6, seed=1)
     tree = hierarchy.linkage(x, "ward")
-    cuts = ward_cuts(tree, len(x), range(2, 12))
+    d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    cuts = ward_cut_scores(tree, d, range(2, 12))
     assert sorted(cuts) == list(range(2, 12))
-    for k, labels in cuts.items():
+    for k, (score, labels) in cuts.items():
         ref = hierarchy.fcluster(tree, k, "maxclust")
         # the same partition: a one-to-one map between the two labellings
         pairs = set(zip(labels.tolist(), ref.tolist()))
         assert len(pairs) == k == labels.max() + 1 == len(set(ref.tolist()))
+        assert sorted(set(labels.tolist())) == list(range(k))
+        assert score == pytest.approx(silhouette_from_distances(d, labels), abs=1e-12)
+    assert len({round(s, 9) for s, _ in cuts.values()}) > 5  # the cuts do differ
 
 
 def test_silhouette_from_distances_matches_scikit_learn():
