@@ -80,7 +80,8 @@ def register(main: click.Group, bench: click.Group) -> None:
                    f"{report.clusters_out} clusters: {report.matched} joined by distance "
                    f"(<= {report.match_threshold:.4g}), {report.joined_by_label} by label, "
                    f"{report.label_conflicts} kept apart by conflicting labels, {report.dropped} dropped "
-                   f"for the cap -> {path}")
+                   f"for the cap; the repair over {report.repaired['samples']} remembered samples split "
+                   f"{report.repaired['split']}, merged {report.repaired['merged']} -> {path}")
 
     @state.command(name="show")
     @click.argument("source", type=click.Path(path_type=Path))
@@ -92,6 +93,22 @@ def register(main: click.Group, bench: click.Group) -> None:
             st = read_state(source)
         _notes(st)
         click.echo(json.dumps(st.summary(), indent=1))
+
+
+    @bench.command(name="fleet")
+    @click.option("--bundle", type=click.Path(path_type=Path), default=Path("models/omniglot/bundle"),
+                  show_default=True)
+    @click.option("--results", type=click.Path(file_okay=False, path_type=Path),
+                  default=Path("benchmarks/results"), show_default=True)
+    @click.option("--streams", type=click.IntRange(1), default=10, show_default=True,
+                  help="Random 30-character streams per case.")
+    def bench_fleet(bundle, results, streams):
+        """Merging two devices' states: ACC of each device, the merged state and baselines."""
+        from protoedge.bench_scripts import load_bench_script
+
+        with _user_errors():
+            md = load_bench_script("fleet").run(bundle=bundle, results=results, streams=streams)
+        click.echo(Path(md).read_text())
 
 
 class _user_errors:
