@@ -105,7 +105,7 @@ def _markdown(res: dict) -> str:
              "memories). `merged, prototypes only`: the same states without their memories (what the merge "
              "did before the repair). `union without matching`: match threshold 0, repair on.", ""]
     for case, what in (("disjoint", "disjoint halves of the characters"),
-                       ("same", "every character on both devices, alternate drawings")):
+                       ("same", "every character (alternate drawings)")):
         c = res["cases"][case]
         lines += [f"## Two devices saw {what}", "", "| state | ACC | vs best device: mean | worst |", "|---|---|---|---|"]
         for row, v in c["rows"].items():
