@@ -662,7 +662,7 @@ def write_markdown(res: dict, path: Path) -> None:
             L.append(f"| {f} | {r['threshold']:.4g} | {100 * r['acc']:.1f} | {r['ari']:.3f} | {r['clusters_found']:.1f} |")
         sel = tc.get("selection")
         if sel:
-            L += ["", f"Label-free selection (runtime/threshold_search.py: silhouette of the final partition, "
+            L += ["", f"Label-free selection (runtime/threshold_search.py: silhouette of the partition as assigned on arrival, "
                   f"5 of these streams, labels unused): factor {sel['factor']:g}, threshold {sel['threshold']:.4g}. "
                   "Silhouette by factor: " + ", ".join(f"{f}: {v['silhouette']:.3f}" for f, v in sel["table"].items()) + "."]
         if "dbstream_radius_acc" in tc:
