@@ -435,7 +435,7 @@ fail_x:
     return NULL;
 }
 
-/* The repair's bookkeeping (StreamClusterer._move and _closest_pair in clustering.py):
+/* The repair's bookkeeping (StreamClusterer._reassign, _move and _closest_pair in clustering.py):
  * the same steps as their numpy code, each of which there is a dozen calls of a few microseconds
  * on arrays of a few hundred rows; here one call. Slots are checked against n, the live slots. */
 
@@ -447,6 +447,67 @@ static int slot_ok(const int64_t *s, Py_ssize_t m, Py_ssize_t n, const char *fn)
             return 0;
         }
     return 1;
+}
+
+/* nearest(g, touched, sqn, best, n): best[i] = the slot of `touched` nearest row i, from g (float32
+ * [m, t], the rows' dot products with those slots' prototypes, a BLAS product): the smallest
+ * |p|^2 - 2 x.p, in float32 as numpy computes it (-2 g is exact), the first of equals as argmin. */
+static PyObject *nearest(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "nearest takes 5 arguments");
+        return NULL;
+    }
+    Py_ssize_t n = PyLong_AsSsize_t(args[4]);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer bg, bt, bq, bb;
+    PyObject *result = NULL;
+    if (get(args[0], &bg, "g", 'f', 2, 0, -1, 0) < 0)
+        return NULL;
+    Py_ssize_t m = bg.shape[0], t = bg.shape[1];
+    if (get(args[1], &bt, "touched", 'q', 1, t, -1, 0) < 0)
+        goto fail_g;
+    if (get(args[2], &bq, "sqn", 'f', 1, n, -1, 0) < 0)
+        goto fail_t;
+    if (get(args[3], &bb, "best", 'q', 1, m, -1, 1) < 0)
+        goto fail_q;
+    const int64_t *touched = bt.buf;
+    if (t < 1 || bt.shape[0] != t) {
+        PyErr_SetString(PyExc_ValueError, "nearest: one slot per column of g, at least one");
+        goto fail_b;
+    }
+    if (!slot_ok(touched, t, n, "nearest"))
+        goto fail_b;
+    const float *g = bg.buf, *sqn = bq.buf;
+    int64_t *best = bb.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < m; i++) {
+        const float *row = g + i * t;
+        float top = sqn[touched[0]] + -2.0f * row[0];
+        Py_ssize_t arg = 0;
+        for (Py_ssize_t q = 1; q < t; q++) {
+            float v = sqn[touched[q]] + -2.0f * row[q];
+            if (v < top) {
+                top = v;
+                arg = q;
+            }
+        }
+        best[i] = touched[arg];
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+fail_b:
+    PyBuffer_Release(&bb);
+fail_q:
+    PyBuffer_Release(&bq);
+fail_t:
+    PyBuffer_Release(&bt);
+fail_g:
+    PyBuffer_Release(&bg);
+    return result;
 }
 
 /* Make slot s's searched prototype match its sum (and count), as StreamClusterer._refresh_rows. */
@@ -656,6 +717,8 @@ static PyMethodDef methods[] = {
      "Assign and learn rows start..end-1 until one needs Python (see the module source)."},
     {"two_means", (PyCFunction)(void (*)(void))two_means, METH_FASTCALL,
      "2-means inside each group of consecutive rows (see the module source)."},
+    {"nearest", (PyCFunction)(void (*)(void))nearest, METH_FASTCALL,
+     "The nearest of some slots for each row, from a product of rows and prototypes (see the module source)."},
     {"move", (PyCFunction)(void (*)(void))move, METH_FASTCALL,
      "Move remembered samples between slots (see the module source)."},
     {"closest_pair", (PyCFunction)(void (*)(void))closest_pair, METH_FASTCALL,

@@ -1211,9 +1211,13 @@ class StreamClusterer:
             return
         # |x|^2 is the same for every prototype, so the nearest one minimises |p|^2 - 2 x.p
         d = x @ self._search[touched].T
-        d *= -2.0
-        d += self._sqn[touched]
-        best = touched[d.argmin(1)]
+        if self.compiled:  # the argmin below, in one call
+            best = np.empty(len(x), np.int64)
+            _rowloop.nearest(d, touched, self._sqn, best, self._n)
+        else:
+            d *= -2.0
+            d += self._sqn[touched]
+            best = touched[d.argmin(1)]
         self._move_members(x, slots, best, weight, touched)
 
     def _move_members(self, x: np.ndarray, slots: np.ndarray, best: np.ndarray, weight: np.ndarray,

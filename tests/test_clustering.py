@@ -808,9 +808,10 @@ def test_compiled_two_means_matches_numpy_and_checks_its_arguments(loop):
 
 @pytest.mark.parametrize("distance", ["cosine", "sqeuclidean"])
 def test_compiled_repair_steps_match_numpy_and_check_slots(loop, distance, monkeypatch):
-    """The repair's move of remembered samples and its search for the cheapest close pair, in C,
-    give the numpy code's state to float precision and the same pair (labels included); a slot
-    outside the live ones is refused before anything is written."""
+    """The repair's nearest-slot choice, its move of remembered samples and its search for the
+    cheapest close pair, in C, give numpy's choice exactly, the numpy code's state to float
+    precision and the same pair (labels included); a slot outside the live ones is refused before
+    anything is written."""
     if loop == "numpy" or clustering._rowloop is None:
         pytest.skip("the compiled loop only")
     x, _, _ = blobs(n_classes=6, per_class=30, noise=0.2, seed=11)
@@ -845,6 +846,16 @@ def test_compiled_repair_steps_match_numpy_and_check_slots(loop, distance, monke
     fast._labels[int(slots[want[0]])], fast._labels[int(slots[want[1]])] = "a", "b"
     again = fast._closest_pair_numpy(slots)
     assert again is not None and again != want and fast._closest_pair(slots) == again
+    # the reassignment's nearest slot from the BLAS product: numpy's argmin exactly
+    rows_x = base._prepare(x)
+    touched = np.array([0, 2, 3, n - 1], np.int64)
+    g = rows_x @ base._search[touched].T
+    best = np.empty(len(x), np.int64)
+    clustering._rowloop.nearest(g, touched, base._sqn, best, n)
+    assert np.array_equal(best, touched[(base._sqn[touched] - 2.0 * g).argmin(1)])
+    assert len(set(best.tolist())) > 1
+    with pytest.raises(ValueError, match="live slot"):
+        clustering._rowloop.nearest(g, np.array([0, 2, 3, n], np.int64), base._sqn, best, n)
     before = fast._sums.copy()
     with pytest.raises(ValueError, match="live slot"):
         clustering._rowloop.move(fast._prepare(x[:2]), np.array([0, n], np.int64), np.array([1, 1], np.int64),
