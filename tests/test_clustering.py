@@ -158,6 +158,28 @@ def test_repair_splits_a_cluster_that_holds_two_classes():
     assert sum(i.seen for i in c.clusters()) == len(x)
 
 
+def test_refine_repairs_over_given_samples_and_refuses_bad_input():
+    """refine(): the repair over samples handed in with the cluster that learned them (what a fleet
+    merge does with the devices' memories) splits the mixed cluster the online rule made, keeps
+    every sample's count, and refuses ids or weights that do not fit."""
+    x, y = _two_blobs(sep=0.5)
+    c = StreamClusterer(D, refine_every=0, threshold=0.6, distance="sqeuclidean", decay=1.0)
+    ids = np.array([a.cluster_id for a in c.partial_fit(x)])
+    assert c.n_clusters == 1
+    before = snapshot(c)
+    for bad_ids, bad_w in ((ids[:-1], None), (ids.astype(float), None), (ids, np.zeros(len(x))),
+                           (ids, np.full(len(x), np.nan)), (ids, np.ones(3))):
+        with pytest.raises(InputError):
+            c.refine(x, bad_ids, bad_w)
+    assert same_state(snapshot(c), before)  # a refused call changes nothing
+    done = c.refine(x, ids)
+    assert done["split"] >= 1 and c.n_clusters == 2
+    final = np.array([a.cluster_id for a in c.predict(x)])
+    assert all(len(np.unique(y[final == k])) == 1 for k in np.unique(final))
+    assert sum(i.count for i in c.clusters()) == pytest.approx(len(x), rel=1e-6)
+    assert c.refine(x, np.full(len(x), 10**6)) == {"split": 0, "merged": 0, "dissolved": 0}  # unknown ids: skipped
+
+
 def test_repair_never_splits_one_tight_class_and_merges_its_early_fragments():
     rng = np.random.default_rng(1)
     # one class spread along a line: its first two samples are the two ends, farther apart than the
