@@ -118,6 +118,24 @@ static void dot4(const float *x, const float *p, Py_ssize_t d, float out[4])
 #endif
 }
 
+/* Buffer q of a function's arguments into b[q] (see get), counted in `got` so that `done:` releases
+ * exactly the buffers taken; on failure, straight to `done`. */
+#define TAKE(q, name, kind, ndim, len, width, writable)                                \
+    do {                                                                              \
+        if (get(args[q], &b[q], name, kind, ndim, len, width, writable) < 0)          \
+            goto done;                                                                \
+        got++;                                                                        \
+    } while (0)
+
+/* Each function takes a fixed number of positional arguments (METH_FASTCALL). */
+static int nargs_ok(Py_ssize_t nargs, Py_ssize_t want, const char *name)
+{
+    if (nargs == want)
+        return 1;
+    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments", name, want);
+    return 0;
+}
+
 /* A C-contiguous array of `kind` ('f' float32, 'd' float64, 'q' int64, '?' bool) with `ndim` dimensions and
  * at least `len` rows (and `width` columns when 2-D); writable when asked. */
 static int get(PyObject *obj, Py_buffer *view, const char *name, char kind, int ndim, Py_ssize_t len,
@@ -152,10 +170,8 @@ enum { X, XS, INV, XX, SEARCH, SUMS, COUNTS, SPREAD, SEEN, LAST, SQN, OUT_J, OUT
 static PyObject *fit_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 22) {
-        PyErr_SetString(PyExc_TypeError, "fit_rows takes 22 arguments");
+    if (!nargs_ok(nargs, 22, "fit_rows"))
         return NULL;
-    }
     Py_ssize_t n = PyLong_AsSsize_t(args[14]), start = PyLong_AsSsize_t(args[15]);
     Py_ssize_t end = PyLong_AsSsize_t(args[16]);
     long long step0 = PyLong_AsLongLong(args[17]);
@@ -321,10 +337,8 @@ static void farthest(const float *X, Py_ssize_t m, Py_ssize_t d, const double *c
 static PyObject *two_means(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "two_means takes 5 arguments");
+    if (!nargs_ok(nargs, 5, "two_means"))
         return NULL;
-    }
     long iters = PyLong_AsLong(args[4]);
     if (iters == -1 && PyErr_Occurred())
         return NULL;
@@ -455,33 +469,28 @@ static int slot_ok(const int64_t *s, Py_ssize_t m, Py_ssize_t n, const char *fn)
 static PyObject *nearest(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "nearest takes 5 arguments");
+    if (!nargs_ok(nargs, 5, "nearest"))
         return NULL;
-    }
     Py_ssize_t n = PyLong_AsSsize_t(args[4]);
     if (n == -1 && PyErr_Occurred())
         return NULL;
-    Py_buffer bg, bt, bq, bb;
+    Py_buffer b[4];  /* g, touched, sqn, best */
+    int got = 0;
     PyObject *result = NULL;
-    if (get(args[0], &bg, "g", 'f', 2, 0, -1, 0) < 0)
-        return NULL;
-    Py_ssize_t m = bg.shape[0], t = bg.shape[1];
-    if (get(args[1], &bt, "touched", 'q', 1, t, -1, 0) < 0)
-        goto fail_g;
-    if (get(args[2], &bq, "sqn", 'f', 1, n, -1, 0) < 0)
-        goto fail_t;
-    if (get(args[3], &bb, "best", 'q', 1, m, -1, 1) < 0)
-        goto fail_q;
-    const int64_t *touched = bt.buf;
-    if (t < 1 || bt.shape[0] != t) {
+    TAKE(0, "g", 'f', 2, 0, -1, 0);
+    Py_ssize_t m = b[0].shape[0], t = b[0].shape[1];
+    TAKE(1, "touched", 'q', 1, t, -1, 0);
+    TAKE(2, "sqn", 'f', 1, n, -1, 0);
+    TAKE(3, "best", 'q', 1, m, -1, 1);
+    const int64_t *touched = b[1].buf;
+    if (t < 1 || b[1].shape[0] != t) {
         PyErr_SetString(PyExc_ValueError, "nearest: one slot per column of g, at least one");
-        goto fail_b;
+        goto done;
     }
     if (!slot_ok(touched, t, n, "nearest"))
-        goto fail_b;
-    const float *g = bg.buf, *sqn = bq.buf;
-    int64_t *best = bb.buf;
+        goto done;
+    const float *g = b[0].buf, *sqn = b[2].buf;
+    int64_t *best = b[3].buf;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < m; i++) {
         const float *row = g + i * t;
@@ -499,14 +508,9 @@ static PyObject *nearest(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
-fail_b:
-    PyBuffer_Release(&bb);
-fail_q:
-    PyBuffer_Release(&bq);
-fail_t:
-    PyBuffer_Release(&bt);
-fail_g:
-    PyBuffer_Release(&bg);
+done:
+    for (int q = 0; q < got; q++)
+        PyBuffer_Release(&b[q]);
     return result;
 }
 
@@ -555,10 +559,8 @@ enum { MX, MSRC, MDST, MW, MSUMS, MCOUNTS, MSPREAD, MSEEN, MSEARCH, MSQN, M_BUF 
 static PyObject *move(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 12) {
-        PyErr_SetString(PyExc_TypeError, "move takes 12 arguments");
+    if (!nargs_ok(nargs, 12, "move"))
         return NULL;
-    }
     Py_ssize_t n = PyLong_AsSsize_t(args[10]);
     int cosine = PyObject_IsTrue(args[11]);
     if ((n == -1 || cosine < 0) && PyErr_Occurred())
@@ -648,41 +650,34 @@ done:
 static PyObject *closest_pair(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "closest_pair takes 7 arguments");
+    if (!nargs_ok(nargs, 7, "closest_pair"))
         return NULL;
-    }
     double cap = PyFloat_AsDouble(args[5]);
     Py_ssize_t n = PyLong_AsSsize_t(args[6]);
     if (PyErr_Occurred())
         return NULL;
-    Py_buffer bs, bq, bc, bl, bk;
+    Py_buffer b[5];  /* search, sqn, counts, slots, codes */
+    int got = 0;
     PyObject *result = NULL;
-    if (get(args[0], &bs, "search", 'f', 2, n, -1, 0) < 0)
-        return NULL;
-    Py_ssize_t d = bs.shape[1];
-    if (get(args[1], &bq, "sqn", 'f', 1, n, -1, 0) < 0)
-        goto fail_s;
-    if (get(args[2], &bc, "counts", 'd', 1, n, -1, 0) < 0)
-        goto fail_q;
-    if (get(args[3], &bl, "slots", 'q', 1, 0, -1, 0) < 0)
-        goto fail_c;
-    Py_ssize_t t = bl.shape[0];
-    if (get(args[4], &bk, "codes", 'q', 1, t, -1, 0) < 0)
-        goto fail_l;
-    const int64_t *slots = bl.buf, *codes = bk.buf;
+    TAKE(0, "search", 'f', 2, n, -1, 0);
+    TAKE(1, "sqn", 'f', 1, n, -1, 0);
+    TAKE(2, "counts", 'd', 1, n, -1, 0);
+    TAKE(3, "slots", 'q', 1, 0, -1, 0);
+    Py_ssize_t d = b[0].shape[1], t = b[3].shape[0];
+    TAKE(4, "codes", 'q', 1, t, -1, 0);
+    const int64_t *slots = b[3].buf, *codes = b[4].buf;
     if (!slot_ok(slots, t, n, "closest_pair"))
-        goto fail_k;
-    const float *search = bs.buf, *sqn = bq.buf;
-    const double *counts = bc.buf;
+        goto done;
+    const float *search = b[0].buf, *sqn = b[1].buf;
+    const double *counts = b[2].buf;
     Py_ssize_t ba = -1, bb = -1;
     double top = INFINITY;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t a = 0; a < t; a++)
-        for (Py_ssize_t b = a + 1; b < t; b++) {
-            if (codes[a] >= 0 && codes[b] >= 0 && codes[a] != codes[b])
+    for (Py_ssize_t i = 0; i < t; i++)
+        for (Py_ssize_t j = i + 1; j < t; j++) {
+            if (codes[i] >= 0 && codes[j] >= 0 && codes[i] != codes[j])
                 continue;
-            int64_t sa = slots[a], sb = slots[b];
+            int64_t sa = slots[i], sb = slots[j];
             double g = (double)dot(search + sa * d, search + sb * d, d);
             double dist = (double)sqn[sa] + (double)sqn[sb] - 2.0 * g;
             if (dist < 0.0)
@@ -693,22 +688,15 @@ static PyObject *closest_pair(PyObject *self, PyObject *const *args, Py_ssize_t 
             double cost = ca * cb / (ca + cb) * dist;
             if (cost < top || ba < 0) {
                 top = cost;
-                ba = a;
-                bb = b;
+                ba = i;
+                bb = j;
             }
         }
     Py_END_ALLOW_THREADS
     result = Py_BuildValue("nnd", ba, bb, ba < 0 ? INFINITY : top);
-fail_k:
-    PyBuffer_Release(&bk);
-fail_l:
-    PyBuffer_Release(&bl);
-fail_c:
-    PyBuffer_Release(&bc);
-fail_q:
-    PyBuffer_Release(&bq);
-fail_s:
-    PyBuffer_Release(&bs);
+done:
+    for (int q = 0; q < got; q++)
+        PyBuffer_Release(&b[q]);
     return result;
 }
 
