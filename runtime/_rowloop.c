@@ -1,5 +1,5 @@
 /* The stream clusterer's per-sample loop (runtime/clustering.py, StreamClusterer._fit_rows), and
- * the 2-means its repair splits clusters with (two_means, below; _two_means_compiled there).
+ * the arithmetic of its repair (split_scan, nearest, move, closest_pair, below).
  *
  * Each sample must meet the prototypes exactly as the samples before it left them, so the loop is
  * sequential: score every prototype, take the nearest two, and either learn the sample into the
@@ -311,10 +311,7 @@ fail:
 }
 
 
-/* two_means(X, sizes, mask, gap, iters): 2-means inside each group of consecutive rows of X
- * (float32 [R, d]; group g has sizes[g] rows), as _two_means in clustering.py computes it (see
- * there), in double precision: writes mask (bool [R], the rows of each group's second half) and
- * gap (float64 [G], squared distance between the halves' means, 0 if a half is empty). */
+/* The row of X (m rows) farthest from c, copied to out (the 2-means' starting points). */
 static void farthest(const float *X, Py_ssize_t m, Py_ssize_t d, const double *c, double *out)
 {
     Py_ssize_t best = 0;
@@ -334,47 +331,13 @@ static void farthest(const float *X, Py_ssize_t m, Py_ssize_t d, const double *c
         out[k] = X[best * d + k];
 }
 
-static PyObject *two_means(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* 2-means inside each of G groups of consecutive rows of X (float32 [R, d]; group g has sizes[g]
+ * rows), as _two_means in clustering.py computes it (see there), in double precision: writes mask
+ * (the rows of each group's second half) and gap (squared distance between the halves' means, 0
+ * if a half is empty); work: 5 d doubles. */
+static void two_means_core(const float *X, const int64_t *sizes, Py_ssize_t G, Py_ssize_t d, long iters,
+                           unsigned char *mask, double *gap, double *work)
 {
-    (void)self;
-    if (!nargs_ok(nargs, 5, "two_means"))
-        return NULL;
-    long iters = PyLong_AsLong(args[4]);
-    if (iters == -1 && PyErr_Occurred())
-        return NULL;
-    Py_buffer bx, bs, bm, bg;
-    if (get(args[0], &bx, "X", 'f', 2, 0, -1, 0) < 0)
-        return NULL;
-    Py_ssize_t R = bx.shape[0], d = bx.shape[1];
-    if (get(args[1], &bs, "sizes", 'q', 1, 0, -1, 0) < 0)
-        goto fail_x;
-    Py_ssize_t G = bs.shape[0];
-    const int64_t *sizes = bs.buf;
-    int64_t total_rows = 0;
-    for (Py_ssize_t g = 0; g < G; g++) {
-        if (sizes[g] < 1) {
-            PyErr_SetString(PyExc_ValueError, "two_means: every group needs a row");
-            goto fail_s;
-        }
-        total_rows += sizes[g];
-    }
-    if (total_rows != R) {
-        PyErr_SetString(PyExc_ValueError, "two_means: sizes do not add up to the rows of X");
-        goto fail_s;
-    }
-    if (get(args[2], &bm, "mask", '?', 1, R, -1, 1) < 0)
-        goto fail_s;
-    if (get(args[3], &bg, "gap", 'd', 1, G, -1, 1) < 0)
-        goto fail_m;
-    double *work = PyMem_Malloc(sizeof(double) * 5 * (size_t)(d > 0 ? d : 1));
-    if (work == NULL) {
-        PyErr_NoMemory();
-        goto fail_g;
-    }
-    const float *X = bx.buf;
-    unsigned char *mask = bm.buf;
-    double *gap = bg.buf;
-    Py_BEGIN_ALLOW_THREADS
     double *total = work, *a = work + d, *b = work + 2 * d, *c = work + 3 * d, *sb = work + 4 * d;
     Py_ssize_t start = 0;
     for (Py_ssize_t g = 0; g < G; g++) {
@@ -430,26 +393,9 @@ static PyObject *two_means(PyObject *self, PyObject *const *args, Py_ssize_t nar
                 gap[g] += (a[k] - b[k]) * (a[k] - b[k]);
         start += m;
     }
-    Py_END_ALLOW_THREADS
-    PyMem_Free(work);
-    PyBuffer_Release(&bg);
-    PyBuffer_Release(&bm);
-    PyBuffer_Release(&bs);
-    PyBuffer_Release(&bx);
-    Py_RETURN_NONE;
-
-fail_g:
-    PyBuffer_Release(&bg);
-fail_m:
-    PyBuffer_Release(&bm);
-fail_s:
-    PyBuffer_Release(&bs);
-fail_x:
-    PyBuffer_Release(&bx);
-    return NULL;
 }
 
-/* The repair's bookkeeping (StreamClusterer._reassign, _move and _closest_pair in clustering.py):
+/* The repair's bookkeeping (StreamClusterer._split, _reassign, _move and _closest_pair in clustering.py):
  * the same steps as their numpy code, each of which there is a dozen calls of a few microseconds
  * on arrays of a few hundred rows; here one call. Slots are checked against n, the live slots. */
 
@@ -509,6 +455,98 @@ static PyObject *nearest(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     result = Py_None;
     Py_INCREF(result);
 done:
+    for (int q = 0; q < got; q++)
+        PyBuffer_Release(&b[q]);
+    return result;
+}
+
+/* split_scan(x, slots, fresh, n, split_min, iters, rows, sizes, tested, mask, gap) -> (k, r): the
+ * candidates of StreamClusterer._split and their 2-means in one call. A slot is tested when at
+ * least split_min rows of x belong to it, two of them fresh; its rows go to `rows` (slots in
+ * ascending order, each slot's rows in the order of x: a stable grouping), the slots to `tested`,
+ * their row counts to `sizes`, and the 2-means over those groups fills `mask` and `gap`. k = tested
+ * slots, r = their rows; the outputs hold at least len(x) rows and n slots. */
+static PyObject *split_scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (!nargs_ok(nargs, 11, "split_scan"))
+        return NULL;
+    Py_ssize_t n = PyLong_AsSsize_t(args[3]), split_min = PyLong_AsSsize_t(args[4]);
+    long iters = PyLong_AsLong(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (n < 1 || split_min < 2) {
+        PyErr_SetString(PyExc_ValueError, "split_scan: needs n >= 1 and split_min >= 2");
+        return NULL;
+    }
+    enum { SX, SSLOTS, SFRESH, SROWS, SSIZES, STESTED, SMASK, SGAP, S_BUF };
+    static const int arg_of[S_BUF] = {0, 1, 2, 6, 7, 8, 9, 10};
+    Py_buffer b[S_BUF];
+    int got = 0;
+    PyObject *result = NULL;
+    int64_t *count = NULL, *start = NULL;
+    float *X = NULL;
+    double *work = NULL;
+    Py_ssize_t m = 0, d = 0;
+    for (; got < S_BUF; got++) {
+        static const char kinds[S_BUF] = {'f', 'q', '?', 'q', 'q', 'q', '?', 'd'};
+        static const char *names[S_BUF] = {"x", "slots", "fresh", "rows", "sizes", "tested", "mask", "gap"};
+        int per_slot = got == SSIZES || got == STESTED || got == SGAP;
+        Py_ssize_t len = got == SX ? 0 : (per_slot ? n : m);
+        if (get(args[arg_of[got]], &b[got], names[got], kinds[got], got == SX ? 2 : 1, len, -1,
+                got >= SROWS) < 0)
+            goto done;
+        if (got == SX) {
+            m = b[SX].shape[0];
+            d = b[SX].shape[1];
+        }
+    }
+    const int64_t *slots = b[SSLOTS].buf;
+    const unsigned char *fresh = b[SFRESH].buf;
+    if (!slot_ok(slots, m, n, "split_scan"))
+        goto done;
+    count = PyMem_Calloc((size_t)(2 * n), sizeof(int64_t));  /* rows per slot, then fresh rows */
+    start = PyMem_Malloc(sizeof(int64_t) * (size_t)n);
+    X = PyMem_Malloc(sizeof(float) * (size_t)(m * d + 1));
+    work = PyMem_Malloc(sizeof(double) * 5 * (size_t)(d > 0 ? d : 1));
+    if (count == NULL || start == NULL || X == NULL || work == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int64_t *rows = b[SROWS].buf, *sizes = b[SSIZES].buf, *tested = b[STESTED].buf;
+    Py_ssize_t k = 0, r = 0;
+    Py_BEGIN_ALLOW_THREADS
+    int64_t *fcount = count + n;
+    for (Py_ssize_t i = 0; i < m; i++) {
+        count[slots[i]]++;
+        fcount[slots[i]] += fresh[i] != 0;
+    }
+    for (Py_ssize_t s = 0; s < n; s++) {
+        start[s] = -1;
+        if (count[s] >= split_min && fcount[s] >= 2) {
+            start[s] = r;
+            tested[k] = s;
+            sizes[k++] = count[s];
+            r += count[s];
+        }
+    }
+    for (Py_ssize_t i = 0; i < m; i++) {  /* each tested slot's rows, in the order of x */
+        int64_t s = slots[i];
+        if (start[s] >= 0) {
+            Py_ssize_t at = (Py_ssize_t)start[s]++;
+            rows[at] = i;
+            memcpy(X + at * d, (const float *)b[SX].buf + i * d, sizeof(float) * (size_t)d);
+        }
+    }
+    if (k > 0)
+        two_means_core(X, sizes, k, d, iters, b[SMASK].buf, b[SGAP].buf, work);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("nn", k, r);
+done:
+    PyMem_Free(count);
+    PyMem_Free(start);
+    PyMem_Free(X);
+    PyMem_Free(work);
     for (int q = 0; q < got; q++)
         PyBuffer_Release(&b[q]);
     return result;
@@ -703,8 +741,8 @@ done:
 static PyMethodDef methods[] = {
     {"fit_rows", (PyCFunction)(void (*)(void))fit_rows, METH_FASTCALL,
      "Assign and learn rows start..end-1 until one needs Python (see the module source)."},
-    {"two_means", (PyCFunction)(void (*)(void))two_means, METH_FASTCALL,
-     "2-means inside each group of consecutive rows (see the module source)."},
+    {"split_scan", (PyCFunction)(void (*)(void))split_scan, METH_FASTCALL,
+     "The repair's split candidates and their 2-means in one call (see the module source)."},
     {"nearest", (PyCFunction)(void (*)(void))nearest, METH_FASTCALL,
      "The nearest of some slots for each row, from a product of rows and prototypes (see the module source)."},
     {"move", (PyCFunction)(void (*)(void))move, METH_FASTCALL,

@@ -1176,17 +1176,26 @@ class StreamClusterer:
         ``fresh`` (arrived since the last repair), are tested: the others were tested before with
         (nearly) the same members. Updates ``slots`` for the members that moved."""
         n = self._n
-        counts = np.bincount(slots, minlength=n)
-        big = (counts >= SPLIT_MIN) & (np.bincount(slots[fresh], minlength=n) >= 2)
-        tested = np.flatnonzero(big)
-        if not len(tested):
-            return
-        # the members of the tested clusters, cluster after cluster (ascending slots), each
-        # cluster's in memory order: one selection from a stable sort, not a list of pieces
-        order = np.argsort(slots, kind="stable")
-        rows = order[big[slots[order]]]
-        sizes = counts[tested]
-        far, gap = (_two_means_compiled if self.compiled else _two_means)(x[rows], sizes)
+        if self.compiled:  # the lines below and the 2-means, in one call
+            m = len(x)
+            rows, sizes, tested = np.empty(m, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+            far, gap = np.empty(m, bool), np.empty(n)
+            k, r = _rowloop.split_scan(x, slots, fresh, n, SPLIT_MIN, 8, rows, sizes, tested, far, gap)
+            if not k:
+                return
+            rows, sizes, far, gap = rows[:r], sizes[:k], far[:r], gap[:k]
+        else:
+            counts = np.bincount(slots, minlength=n)
+            big = (counts >= SPLIT_MIN) & (np.bincount(slots[fresh], minlength=n) >= 2)
+            tested = np.flatnonzero(big)
+            if not len(tested):
+                return
+            # the members of the tested clusters, cluster after cluster (ascending slots), each
+            # cluster's in memory order: one selection from a stable sort, not a list of pieces
+            order = np.argsort(slots, kind="stable")
+            rows = order[big[slots[order]]]
+            sizes = counts[tested]
+            far, gap = _two_means(x[rows], sizes)
         ends = np.cumsum(sizes).tolist()
         for g in np.flatnonzero(gap > SPLIT_DISTANCE * self.threshold).tolist():
             members, f = rows[ends[g] - sizes[g]:ends[g]], far[ends[g] - sizes[g]:ends[g]]
@@ -1404,13 +1413,6 @@ def _two_means(X: np.ndarray, sizes: np.ndarray, iters: int = 8) -> tuple[np.nda
         b = sb / np.maximum(nb, 1)
     nb = np.add.reduceat(mask.astype(np.int64), starts)
     gap = np.where((nb > 0) & (nb < sizes), ((a - b) ** 2).sum(1), 0.0)
-    return mask, gap
-
-
-def _two_means_compiled(X: np.ndarray, sizes: np.ndarray, iters: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """_two_means in runtime/_rowloop.c: the same steps group by group, in double precision."""
-    mask, gap = np.empty(len(X), bool), np.empty(len(sizes), np.float64)
-    _rowloop.two_means(np.ascontiguousarray(X, np.float32), np.ascontiguousarray(sizes, np.int64), mask, gap, iters)
     return mask, gap
 
 

@@ -802,30 +802,42 @@ def test_compiled_loop_refuses_arrays_of_the_wrong_kind(loop):
         fit_rows(1, 2)
 
 
-def test_compiled_two_means_matches_numpy_and_checks_its_arguments(loop):
+def test_compiled_split_scan_matches_numpy_and_checks_its_arguments(loop):
+    """The repair's split candidates and their 2-means in C (split_scan): the same tested slots and
+    rows, in the same order, the same halves and gaps as the numpy steps of _split."""
     if loop == "numpy" or clustering._rowloop is None:
         pytest.skip("the compiled loop only")
     rng = np.random.default_rng(3)
-    sizes = rng.integers(2, 40, 60)
-    groups = []
-    for m in sizes:  # two blobs per group, at varied distances (some groups are one blob)
-        centres = rng.normal(size=(2, D)) * rng.choice([0.0, 0.3, 2.0])
-        groups.append(centres[rng.integers(0, 2, m)] + 0.2 * rng.normal(size=(m, D)))
-    X = np.concatenate(groups).astype(np.float32)
-    mask, gap = clustering._two_means_compiled(X, sizes)
-    want_mask, want_gap = clustering._two_means(X, sizes)
-    assert np.array_equal(mask, want_mask)
-    np.testing.assert_allclose(gap, want_gap, rtol=1e-4, atol=1e-6)
-    assert (gap > 1.0).sum() >= 10 and (gap < 0.5).sum() >= 10  # both kinds of group were there
-    two_means = clustering._rowloop.two_means
-    with pytest.raises(ValueError, match="add up"):
-        two_means(X, np.array([3], np.int64), np.empty(len(X), bool), np.empty(1), 8)
-    with pytest.raises(ValueError, match="needs a row"):
-        two_means(X, np.array([len(X), 0], np.int64), np.empty(len(X), bool), np.empty(2), 8)
+    n, m = 90, 1500
+    slots = rng.integers(0, n, m)
+    fresh = rng.random(m) < 0.3
+    # per slot two blobs at varied distances (some slots are one blob)
+    centres = rng.normal(size=(n, 2, D)) * rng.choice([0.0, 0.3, 2.0], size=(n, 1, 1))
+    X = (centres[slots, rng.integers(0, 2, m)] + 0.2 * rng.normal(size=(m, D))).astype(np.float32)
+    rows, sizes, tested = np.empty(m, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+    mask, gap = np.empty(m, bool), np.empty(n)
+    k, r = clustering._rowloop.split_scan(X, slots, fresh, n, clustering.SPLIT_MIN, 8, rows, sizes, tested, mask, gap)
+    # the numpy steps
+    counts = np.bincount(slots, minlength=n)
+    big = (counts >= clustering.SPLIT_MIN) & (np.bincount(slots[fresh], minlength=n) >= 2)
+    want_tested = np.flatnonzero(big)
+    order = np.argsort(slots, kind="stable")
+    want_rows = order[big[slots[order]]]
+    want_mask, want_gap = clustering._two_means(X[want_rows], counts[want_tested])
+    assert 10 < k < n and (k, r) == (len(want_tested), len(want_rows))
+    assert np.array_equal(tested[:k], want_tested) and np.array_equal(sizes[:k], counts[want_tested])
+    assert np.array_equal(rows[:r], want_rows) and np.array_equal(mask[:r], want_mask)
+    np.testing.assert_allclose(gap[:k], want_gap, rtol=1e-4, atol=1e-6)
+    assert (gap[:k] > 1.0).sum() >= 5 and (gap[:k] < 0.5).sum() >= 5  # both kinds of slot were there
+    scan = clustering._rowloop.split_scan
+    with pytest.raises(ValueError, match="live slot"):
+        scan(X, np.where(slots == 0, n, slots), fresh, n, 6, 8, rows, sizes, tested, mask, gap)
+    with pytest.raises(ValueError):  # an output too short for the rows
+        scan(X, slots, fresh, n, 6, 8, rows[:-1], sizes, tested, mask, gap)
     with pytest.raises(ValueError):
-        two_means(X, sizes, np.empty(len(X) - 1, bool), np.empty(len(sizes)), 8)
-    with pytest.raises(ValueError):
-        two_means(X.astype(np.float64), sizes, np.empty(len(X), bool), np.empty(len(sizes)), 8)
+        scan(X.astype(np.float64), slots, fresh, n, 6, 8, rows, sizes, tested, mask, gap)
+    with pytest.raises(ValueError, match="split_min"):
+        scan(X, slots, fresh, n, 1, 8, rows, sizes, tested, mask, gap)
 
 
 @pytest.mark.parametrize("distance", ["cosine", "sqeuclidean"])
