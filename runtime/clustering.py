@@ -24,7 +24,7 @@ single-pass limit of DP-means (Kulis & Jordan 2012) as used by Online ProtoNet /
 * with ``recluster=True`` the repair then asks runtime/recluster.py for a second opinion: Ward's
   hierarchy over the unlabelled clusters' remembered samples, cut at the cluster count (+-5) with
   the best silhouette, replaces the partition when it scores better (one global threshold cannot
-  fit every pair of classes; off by default: ~10 ms per repair while the memory holds few, large
+  fit every pair of classes; off by default: ~4 ms per repair while the memory holds few, large
   clusters).
 
 Distances follow the bundle: ``cosine`` = squared Euclidean between L2-normalised vectors

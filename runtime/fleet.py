@@ -362,9 +362,9 @@ def merge_states(states: list[PortableState], match_threshold: float | None = No
     # other kept whole keeps a fragment of its own, and a near pair just beyond the threshold stays
     # two clusters. The devices' remembered samples (their repair memories) settle such cases as
     # the clusterer's own repair does on a device, with the same split, move and merge rules (10
-    # random 30-class streams, every class on both devices: merged ACC 0.787 -> 0.839, 0.011 above
+    # random 30-class streams, every class on both devices: merged ACC 0.787 -> 0.844, 0.016 above
     # the better device on average instead of 0.042 below; disjoint classes 0.883 -> 0.877; README,
-    # Fleets; benchmarks/fleet.py).
+    # Fleets; benchmarks/results/fleet.md).
     clusterer = _rebuild(arrays, meta, "merged")
     windows = [_window(s, m) for s, m in zip(states, id_map)]
     x = np.concatenate([w[0] for w in windows]) if windows else np.zeros((0, dim), np.float32)
@@ -389,25 +389,13 @@ def merge_states(states: list[PortableState], match_threshold: float | None = No
 
 def _window(state: PortableState, id_map: dict[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A state's remembered samples whose cluster is in the merged state: (rows, merged cluster ids,
-    weights, i.e. each sample's count decayed since the device learned it)."""
-    x = np.asarray(state.arrays.get("window_x", np.zeros((0, 0))), np.float32)
-    ids = np.asarray(state.arrays.get("window_ids", np.zeros(0)), np.int64)
-    steps = np.asarray(state.arrays.get("window_steps", np.zeros(0)), np.float64)
-    dim = int(state.params["dim"])
-    if not len(ids) or x.shape != (len(ids), dim) or steps.shape != ids.shape:
-        return np.zeros((0, dim), np.float32), np.zeros(0, np.int64), np.zeros(0)
-    aliases = {int(k): int(v) for k, v in (state.meta.get("aliases") or {}).items()}
-
-    def live(i: int) -> int:  # a merged-away id resolves to its survivor, as the clusterer does
-        hops = 0
-        while i in aliases and hops <= len(aliases):
-            i, hops = aliases[i], hops + 1
-        return i
-
-    owner = np.array([id_map.get(live(i), -1) for i in ids.tolist()], np.int64)
+    weights, i.e. each sample's count decayed since the device learned it). The state's own
+    clusterer reads its memory and resolves ids of clusters merged since, as on the device."""
+    c = state.clusterer()
+    x, ids, steps = c._memory()
+    owner = np.array([id_map.get(c.resolve(i), -1) for i in ids.tolist()], np.int64)
     keep = owner >= 0
-    age = float(state.meta.get("step", 0)) - 1.0 - steps[keep]
-    weight = float(state.params.get("decay", 1.0)) ** np.maximum(age, 0.0)
+    weight = c.decay ** (c.n_seen - 1 - steps[keep].astype(np.float64))  # as _repair weighs them
     return x[keep], owner[keep], weight
 
 

@@ -94,7 +94,6 @@ def register(main: click.Group, bench: click.Group) -> None:
         _notes(st)
         click.echo(json.dumps(st.summary(), indent=1))
 
-
     @bench.command(name="fleet")
     @click.option("--bundle", type=click.Path(path_type=Path), default=Path("models/omniglot/bundle"),
                   show_default=True)
