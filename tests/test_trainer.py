@@ -161,6 +161,17 @@ def test_config_round_trip_and_duration_parsing():
         parse_duration("ten minutes")
 
 
+def test_set_augment_names_some_fields_and_keeps_the_other_defaults():
+    # `--set augment={"erase_p": 0.2}` once replaced the whole AugmentConfig by that dict
+    cfg = recipe_config("default", augment={"erase_p": 0.2, "erase_max": 6})
+    assert isinstance(cfg.augment, AugmentConfig)
+    assert (cfg.augment.erase_p, cfg.augment.erase_max) == (0.2, 6)
+    assert cfg.augment.rotate_deg == AugmentConfig().rotate_deg and cfg.augment.scale == AugmentConfig().scale
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown augment fields: erasep"):
+        recipe_config("default", augment={"erasep": 0.2})
+
+
 def tiny_config(**kw) -> TrainConfig:
     base = dict(pool_limit=600, ae_steps=2, ae_batch=16, steps=4, aug_way=16, cluster_way=4, cluster_ks=[60], cluster_start=0.5,
                 cluster_every=2.0, recon_batch=8, precision="fp32", threads=1, val_every=2.0, log_every=1)

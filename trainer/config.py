@@ -93,10 +93,20 @@ class TrainConfig:
             raise ValueError(f"unknown config fields: {', '.join(sorted(unknown))}")
         d = dict(d)
         if isinstance(d.get("augment"), dict):
-            aug = dict(d["augment"])
-            aug["scale"] = tuple(aug.get("scale", AugmentConfig.scale))
-            d["augment"] = AugmentConfig(**aug)
+            d["augment"] = augment_config(d["augment"])
         return cls(**d)
+
+
+def augment_config(fields: dict) -> AugmentConfig:
+    """An AugmentConfig from a dict (a saved config, or ``--set augment={...}``): the fields it
+    names, the defaults for the rest."""
+    aug = dict(fields)
+    if "scale" in aug:
+        aug["scale"] = tuple(aug["scale"])
+    known = {f.name for f in dataclasses.fields(AugmentConfig)}
+    if set(aug) - known:
+        raise ValueError(f"unknown augment fields: {', '.join(sorted(set(aug) - known))}")
+    return AugmentConfig(**aug)
 
 
 def recipe_config(recipe: str, protocol: str = "omniglot-a", **overrides) -> TrainConfig:
@@ -125,6 +135,8 @@ def recipe_config(recipe: str, protocol: str = "omniglot-a", **overrides) -> Tra
         base.update(backbone="resnet12", image_size=84, channels_last=True, compile=True, precision="bf16",
                     aug_way=128, cluster_way=64, recon_batch=32, ae_batch=128)
     base.update(overrides)
+    if isinstance(base.get("augment"), dict):
+        base["augment"] = augment_config(base["augment"])
     return TrainConfig(**base)
 
 
