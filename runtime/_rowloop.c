@@ -1,5 +1,6 @@
-/* The stream clusterer's per-sample loop (runtime/clustering.py, StreamClusterer._fit_rows), and
- * the arithmetic of its repair (split_scan, nearest, move, closest_pair, below).
+/* The stream clusterer's per-sample loop (runtime/clustering.py, StreamClusterer._fit_rows), the
+ * arithmetic of its repair (split_scan, nearest, move, closest_pair, below), and the repair's
+ * re-clustering (ward_cut: runtime/recluster.py's better_partition after its distance matrix).
  *
  * Each sample must meet the prototypes exactly as the samples before it left them, so the loop is
  * sequential: score every prototype, take the nearest two, and either learn the sample into the
@@ -29,6 +30,13 @@
  * Returns (row, event, k, dk): event 0: rows start..end-1 were learned (row == end); 1: row needs a
  * new cluster (nothing learned for it; out_d[row] = its distance, k/dk the runner-up); 2: row was
  * learned and its winner out_j[row] and runner-up k are close enough for the merge rules.
+ *
+ * ward_cut(dist, current, out, span, margin) -> K
+ *   dist float64 [n, n] the memory's distance matrix (recluster.py's, as the reference computes
+ *   it), current int64 [n] its partition (labels 0..K0-1), out int64 [n]: the Ward cut with
+ *   K0 +- span clusters whose silhouette beats current's by more than margin, if any (K > 0; out
+ *   holds its labels), else 0 (out untouched). scipy's linkage algorithm step for step, then the
+ *   cuts and their silhouettes: O(n^2), in plain C like the loop.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -738,6 +746,355 @@ done:
     return result;
 }
 
+/* ---- ward_cut: runtime/recluster.py's better_partition after its distance matrix -------------
+ *
+ * Python computes the distances as the reference does (numpy) and passes them in. Then (1) Ward's
+ * hierarchy by scipy's nearest-neighbour chain (scipy/cluster/_hierarchy.pyx nn_chain) on the
+ * matrix's upper triangle, all that scipy reads: the same scans in the same order, the same
+ * preference for the chain's previous element, the same Lance-Williams update term by term, so
+ * the same merges at the same heights, to the bit; sorted by height stably and named by
+ * union-find as scipy's label() names them; (2) the cuts from K = kmax down to kmin, walked as
+ * ward_cut_scores walks them (the same column bookkeeping, so the same labels 0..K-1), each
+ * scored as silhouette_from_sums scores it; (3) better_partition's pick. Only the silhouettes'
+ * sums are added in another order than numpy's (and from dist[j][i] where numpy reads dist[i][j],
+ * which can differ in the last bit): that matters only where two cuts' silhouettes, or a cut's
+ * and the bar, agree to ~1e-15. Plain loops. Most of the time goes to the linkage's memory
+ * traffic: a row read per scan, a row and two columns written per merge. */
+
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF /* scipy's update, term by term (GCC's ISO C mode does not contract) */
+#endif
+
+typedef struct { double h; Py_ssize_t x, y; } merge_t; /* height, slots: scipy's Z[k, :3] before label() */
+
+/* Rows of n doubles an odd number of cache lines apart, so that a column spreads over the cache's
+ * sets: with rows 2 KB apart (n = 256) it crowds a few, and mirroring the matrix took 4x as long. */
+static Py_ssize_t row_stride(Py_ssize_t n)
+{
+    Py_ssize_t ld = (n + 7) / 8 * 8;
+    return ld / 8 % 2 ? ld : ld + 8;
+}
+
+/* The first i in [lo, n) with the smallest row[i], if that is below *low (which becomes it), else
+ * -1: scipy's scan, where a NaN never counts. Block by block of 64, each block's smallest in
+ * eight running minima (with one, each step would wait for the last), then the index in the
+ * first block that had the smallest. */
+static Py_ssize_t first_min(const double *row, Py_ssize_t lo, Py_ssize_t n, double *low)
+{
+    Py_ssize_t at = -1;
+    for (Py_ssize_t b = lo; b < n; b += 64) {
+        Py_ssize_t end = b + 64 < n ? b + 64 : n, i = b;
+        double m[8], v = *low;
+        for (int q = 0; q < 8; q++)
+            m[q] = v;
+        for (; i + 8 <= end; i += 8)
+            for (int q = 0; q < 8; q++)
+                m[q] = row[i + q] < m[q] ? row[i + q] : m[q];
+        for (; i < end; i++)
+            m[0] = row[i] < m[0] ? row[i] : m[0];
+        for (int q = 0; q < 8; q++)
+            v = m[q] < v ? m[q] : v;
+        if (v < *low) {
+            *low = v;
+            at = b;
+        }
+    }
+    while (at >= 0 && row[at] != *low)
+        at++;
+    return at;
+}
+
+/* scipy's nn_chain over w (n x n in rows ld apart, symmetric, diagonal INFINITY; destroyed): z[k]
+ * is the k-th merge found. A dead cluster's column is set to INFINITY, so that a scan of a row
+ * skips it and the diagonal as scipy's does; the dead below the first live one are not scanned at
+ * all (a merge's lower slot dies, so they pile up there). size, chain: n; inv: n + 1. Returns -1
+ * where scipy's answer would be meaningless: a NaN from the update (the square root of a rounding
+ * below zero, where two centroids coincide; never seen on real data). */
+static int nn_chain(double *w, Py_ssize_t n, Py_ssize_t ld, Py_ssize_t *size, Py_ssize_t *chain, double *inv,
+                    merge_t *z)
+{
+    Py_ssize_t len = 0, lo = 0, x = 0, y = 0; /* y persists from merge to merge, as scipy's does */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        size[i] = 1;
+        inv[i + 1] = 1.0 / (double)(i + 1); /* scipy's t = 1.0 / (size_x + size_y + size_i) */
+    }
+    for (Py_ssize_t k = 0; k < n - 1; k++) {
+        while (size[lo] == 0)
+            lo++;
+        if (len == 0) /* a new chain starts at the first live cluster */
+            chain[len++] = lo;
+        double low;
+        for (;;) { /* follow nearest neighbours until two are each other's */
+            x = chain[len - 1];
+            low = INFINITY;
+            if (len > 1) { /* the previous element keeps a tie (scipy's strict <) */
+                y = chain[len - 2];
+                low = w[x * ld + y];
+            }
+            Py_ssize_t i = first_min(w + x * ld, lo, n, &low);
+            if (i >= 0)
+                y = i;
+            if (len > 1 && y == chain[len - 2])
+                break;
+            if (len == n)
+                return -1;
+            chain[len++] = y;
+        }
+        if (!(low < INFINITY))
+            return -1;
+        len -= 2;
+        if (x > y) {
+            Py_ssize_t s = x;
+            x = y;
+            y = s;
+        }
+        Py_ssize_t nx = size[x], ny = size[y];
+        z[k] = (merge_t){low, x, y};
+        size[x] = 0;
+        size[y] = nx + ny;
+        /* scipy's _ward into row and column y for each live i; x's column dies */
+        const double *wx = w + x * ld, *t = inv + nx + ny; /* t[s] = 1 / (nx + ny + s) */
+        double *wy = w + y * ld, *wi = w + lo * ld, fx = (double)nx, fy = (double)ny; /* wi: row i */
+        for (Py_ssize_t i = lo; i < n; i++, wi += ld) {
+            if (size[i] == 0 || i == y)
+                continue;
+            double ni = (double)size[i], ti = t[size[i]];
+            wy[i] = wi[y] = sqrt((ni + fx) * ti * wx[i] * wx[i] + (ni + fy) * ti * wy[i] * wy[i] - ni * ti * low * low);
+            wi[x] = INFINITY;
+        }
+        wy[x] = INFINITY;
+    }
+    return 0;
+}
+
+/* the root of x's tree: scipy's LinkageUnionFind.find (there with path compression) */
+static Py_ssize_t uf_find(const Py_ssize_t *parent, Py_ssize_t x)
+{
+    while (parent[x] != x)
+        x = parent[x];
+    return x;
+}
+
+/* sums[c * n + i] (k x n) = point i's summed distances to the points of cluster c (labels 0..k-1),
+ * added in the points' order; sizes[c] = c's count. The same for label2 (k2 clusters) into sums2
+ * and sizes2, in the same pass over dist. */
+static void cluster_sums(const double *dist, Py_ssize_t n, const int64_t *label, Py_ssize_t k, double *sums,
+                         double *sizes, const int64_t *label2, Py_ssize_t k2, double *sums2, double *sizes2)
+{
+    memset(sums, 0, sizeof(double) * (size_t)(n * k));
+    memset(sizes, 0, sizeof(double) * (size_t)k);
+    memset(sums2, 0, sizeof(double) * (size_t)(n * k2));
+    memset(sizes2, 0, sizeof(double) * (size_t)k2);
+    for (Py_ssize_t j = 0; j < n; j++) {
+        double *s = sums + label[j] * n, *s2 = sums2 + label2[j] * n;
+        const double *row = dist + j * n;
+        sizes[label[j]] += 1.0;
+        sizes2[label2[j]] += 1.0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            s[i] += row[i];
+            s2[i] += row[i];
+        }
+    }
+}
+
+/* silhouette_from_sums from cluster_sums' sums and sizes (every cluster used); a, b: n scratch */
+static double silhouette(double *sums, const double *sizes, const int64_t *label, Py_ssize_t n, Py_ssize_t k,
+                         double *a, double *b)
+{
+    for (Py_ssize_t i = 0; i < n; i++) { /* a: the sum over the own cluster, kept out of b's way */
+        a[i] = sums[label[i] * n + i];
+        sums[label[i] * n + i] = INFINITY;
+        b[i] = INFINITY;
+    }
+    for (Py_ssize_t c = 0; c < k; c++) /* b: the smallest mean distance to another cluster */
+        for (Py_ssize_t i = 0; i < n; i++) {
+            double v = sums[c * n + i] / sizes[c];
+            b[i] = v < b[i] ? v : b[i];
+        }
+    double total = 0.0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double own = sizes[label[i]];
+        sums[label[i] * n + i] = a[i];
+        if (own > 1.0) { /* a singleton scores 0 */
+            double ai = a[i] / (own - 1.0), top = ai > b[i] ? ai : b[i];
+            total += (b[i] - ai) / (top > 1e-12 ? top : 1e-12);
+        }
+    }
+    return total / (double)n;
+}
+
+/* ward_cut(dist, current, out, span, margin) -> K: better_partition (runtime/recluster.py) from
+ * the points' distance matrix dist (float64 [n, n], symmetric, zero diagonal) and the partition
+ * current (int64 [n], labels 0..K0-1, each used): the Ward cut at K in [max(2, K0 - span),
+ * min(n - 1, K0 + span)] with the highest silhouette, the fewest clusters among equals, if it beats
+ * current's silhouette + margin: its labels (0..K-1, numbered as ward_cut_scores numbers them) go
+ * to out (int64 [n]) and K is returned; else 0 and out is left alone (also when K0 < 2 or
+ * K0 >= n - 1, where there is nothing to try). RuntimeError where the linkage meets a NaN. */
+static PyObject *ward_cut(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (!nargs_ok(nargs, 5, "ward_cut"))
+        return NULL;
+    Py_ssize_t span = PyLong_AsSsize_t(args[3]);
+    double margin = PyFloat_AsDouble(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (span < 0) {
+        PyErr_SetString(PyExc_ValueError, "ward_cut: span must be >= 0");
+        return NULL;
+    }
+    Py_buffer b[3]; /* dist, current, out */
+    int got = 0;
+    PyObject *result = NULL;
+    char *work = NULL;
+    TAKE(0, "dist", 'd', 2, 0, -1, 0);
+    Py_ssize_t n = b[0].shape[0];
+    TAKE(1, "current", 'q', 1, n, -1, 0);
+    TAKE(2, "out", 'q', 1, n, -1, 1);
+    if (b[0].shape[1] != n || b[1].shape[0] != n || b[2].shape[0] != n || n > 46340) { /* n * n: 31 bits */
+        PyErr_SetString(PyExc_ValueError, "ward_cut: dist must be n x n (n <= 46340), current and out of length n");
+        goto done;
+    }
+    const double *dist = b[0].buf;
+    const int64_t *current = b[1].buf;
+    Py_ssize_t k0 = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (current[i] < 0 || current[i] >= n) {
+            PyErr_Format(PyExc_ValueError, "ward_cut: label %lld of current is not in 0..%zd", (long long)current[i],
+                         n - 1);
+            goto done;
+        }
+        k0 = current[i] + 1 > k0 ? (Py_ssize_t)current[i] + 1 : k0;
+    }
+    if (k0 < 2 || k0 >= n - 1) { /* nothing to try, as in better_partition */
+        result = PyLong_FromLong(0);
+        goto done;
+    }
+    double zero[4] = {0.0, 0.0, 0.0, 0.0}; /* 0 * v is 0 for a finite v, else NaN: in four sums, */
+    Py_ssize_t e = 0;                      /* which the compiler keeps in vector registers */
+    for (; e + 4 <= n * n; e += 4)
+        for (int q = 0; q < 4; q++)
+            zero[q] += 0.0 * dist[e + q];
+    for (; e < n * n; e++)
+        zero[0] += 0.0 * dist[e];
+    int fine = zero[0] + zero[1] + zero[2] + zero[3] == 0.0;
+    for (e = 0; e < n; e++)
+        fine = fine && dist[e * n + e] == 0.0;
+    if (!fine) {
+        PyErr_SetString(PyExc_ValueError, "ward_cut: dist must be finite, with a zero diagonal");
+        goto done;
+    }
+    Py_ssize_t kmin = k0 - span > 2 ? k0 - span : 2, kmax = k0 + span < n - 1 ? k0 + span : n - 1;
+    Py_ssize_t ld = row_stride(n);
+    /* doubles: w (n x ld), sums (kmax x n), csums (k0 x n), sizes (kmax), csizes (k0), inv (n + 1),
+     * sa, sb (n); merges: z (n); indices: size, chain (n), parent, col (2n), node (kmax); labels:
+     * label, best (n) */
+    size_t nd = (size_t)(n * ld + (kmax + k0) * n + kmax + k0 + 3 * n + 1), ni = (size_t)(6 * n + kmax);
+    work = PyMem_Malloc(nd * sizeof(double) + (size_t)n * sizeof(merge_t) + ni * sizeof(Py_ssize_t) +
+                        (size_t)(2 * n) * sizeof(int64_t));
+    if (work == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    double *w = (double *)work, *sums = w + n * ld, *csums = sums + kmax * n, *sizes = csums + k0 * n;
+    double *csizes = sizes + kmax, *inv = csizes + k0, *sa = inv + n + 1, *sb = sa + n;
+    merge_t *z = (merge_t *)(sb + n);
+    Py_ssize_t *size = (Py_ssize_t *)(z + n), *chain = size + n, *parent = chain + n, *col = parent + 2 * n;
+    Py_ssize_t *node = col + 2 * n;
+    int64_t *label = (int64_t *)(node + kmax), *best = label + n;
+    memset(csizes, 0, sizeof(double) * (size_t)k0);
+    for (Py_ssize_t i = 0; i < n; i++)
+        csizes[current[i]] += 1.0;
+    for (Py_ssize_t c = 0; c < k0; c++)
+        if (csizes[c] == 0.0) {
+            PyErr_SetString(PyExc_ValueError, "ward_cut: current must use every label 0..K0-1");
+            goto done;
+        }
+    int chain_ok;
+    Py_ssize_t chosen = 0;
+
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) { /* Ward's matrix: dist's upper triangle, mirrored */
+        for (Py_ssize_t j = 0; j < i; j++)
+            w[i * ld + j] = w[j * ld + i];
+        w[i * ld + i] = INFINITY;
+        memcpy(w + i * ld + i + 1, dist + i * n + i + 1, sizeof(double) * (size_t)(n - i - 1));
+    }
+    chain_ok = nn_chain(w, n, ld, size, chain, inv, z) == 0;
+    if (chain_ok) {
+        for (Py_ssize_t m = 1; m < n - 1; m++) { /* sorted by height, stably (insertion: the chain */
+            merge_t v = z[m];                      /* finds the merges almost in order) */
+            Py_ssize_t j = m;
+            for (; j > 0 && z[j - 1].h > v.h; j--)
+                z[j] = z[j - 1];
+            z[j] = v;
+        }
+        /* the finest cut: the first n - kmax merges; its clusters numbered in the order of their
+         * tree nodes, as ward_cut_scores numbers them (np.unique of the top nodes) */
+        for (Py_ssize_t v = 0; v < 2 * n - 1; v++) {
+            parent[v] = v;
+            col[v] = -1;
+        }
+        Py_ssize_t m = 0, k = 0;
+        for (; m < n - kmax; m++) {
+            Py_ssize_t a = uf_find(parent, z[m].x), c = uf_find(parent, z[m].y);
+            parent[a] = parent[c] = n + m;
+        }
+        for (Py_ssize_t i = 0; i < n; i++)
+            col[uf_find(parent, i)] = 0;
+        for (Py_ssize_t v = 0; v < 2 * n - 1; v++)
+            if (col[v] == 0) {
+                col[v] = k;
+                node[k++] = v;
+            }
+        for (Py_ssize_t i = 0; i < n; i++)
+            label[i] = col[uf_find(parent, i)];
+        cluster_sums(dist, n, current, k0, csums, csizes, label, kmax, sums, sizes);
+        double bar = silhouette(csums, csizes, current, n, k0, sa, sb) + margin, top = 0.0;
+        for (;;) {
+            double score = silhouette(sums, sizes, label, n, k, sa, sb);
+            if (score > bar && (chosen == 0 || score >= top)) { /* equal scores: the fewer clusters */
+                top = score;
+                chosen = k;
+                memcpy(best, label, sizeof(int64_t) * (size_t)n);
+            }
+            if (k == kmin)
+                break;
+            /* merge m joins columns ca < cb into ca; the last column moves into cb's place */
+            Py_ssize_t a = uf_find(parent, z[m].x), c = uf_find(parent, z[m].y), last = k - 1;
+            parent[a] = parent[c] = n + m;
+            Py_ssize_t ca = col[a] < col[c] ? col[a] : col[c], cb = col[a] < col[c] ? col[c] : col[a];
+            for (Py_ssize_t i = 0; i < n; i++) {
+                sums[ca * n + i] += sums[cb * n + i];
+                sums[cb * n + i] = sums[last * n + i];
+                label[i] = label[i] == cb ? ca : label[i] == last ? cb : label[i];
+            }
+            sizes[ca] += sizes[cb];
+            sizes[cb] = sizes[last];
+            node[cb] = node[last];
+            col[node[cb]] = cb;
+            node[ca] = n + m;
+            col[n + m] = ca;
+            k--;
+            m++;
+        }
+    }
+    Py_END_ALLOW_THREADS
+
+    if (!chain_ok) {
+        PyErr_SetString(PyExc_RuntimeError, "ward_cut: NaN distances in Ward's linkage (coinciding centroids)");
+        goto done;
+    }
+    if (chosen > 0)
+        memcpy(b[2].buf, best, sizeof(int64_t) * (size_t)n);
+    result = PyLong_FromSsize_t(chosen);
+done:
+    PyMem_Free(work);
+    for (int q = 0; q < got; q++)
+        PyBuffer_Release(&b[q]);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"fit_rows", (PyCFunction)(void (*)(void))fit_rows, METH_FASTCALL,
      "Assign and learn rows start..end-1 until one needs Python (see the module source)."},
@@ -749,6 +1106,8 @@ static PyMethodDef methods[] = {
      "Move remembered samples between slots (see the module source)."},
     {"closest_pair", (PyCFunction)(void (*)(void))closest_pair, METH_FASTCALL,
      "The cheapest close pair of prototypes by Ward cost (see the module source)."},
+    {"ward_cut", (PyCFunction)(void (*)(void))ward_cut, METH_FASTCALL,
+     "better_partition of runtime/recluster.py from a distance matrix: the best Ward cut by silhouette, if it beats the current partition (see the module source)."},
     {NULL, NULL, 0, NULL},
 };
 
