@@ -64,7 +64,7 @@ def register_cluster(main: click.Group) -> None:
     @click.option("--recluster/--no-recluster", default=None,
                   help="At each repair, also redraw the remembered samples' clusters where Ward's hierarchy cut "
                        "by silhouette fits better (streams of few, look-alike classes: +1.2 points ACC on "
-                       "benchmark (a); costs ~4 ms a repair while active) [default: off].")
+                       "benchmark (a); costs ~1.3 ms a repair while active) [default: off].")
     @click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                   help="Resume from and save to this state folder.")
     @click.option("--keep", type=click.IntRange(1), default=3, show_default=True,

@@ -83,7 +83,7 @@ def register(main: click.Group, bench: click.Group) -> None:
 @click.option("--max-clusters", type=click.IntRange(1, None), default=1000, show_default=True)
 @click.option("--recluster/--no-recluster", default=None,
               help="The clusterer's repair also redraws clusters by a Ward cut chosen by silhouette (README, "
-                   "Runtime; better on streams of few look-alike classes, ~4 ms a repair) [default: off]. "
+                   "Runtime; better on streams of few look-alike classes, ~1.3 ms a repair) [default: off]. "
                    "Like --threshold, fixed for a state folder by its first snapshot.")
 def serve(bundle, host, port, socket_path, state_dir, backend, precision, threads, cache_dir, token_file,
           max_batch, max_wait_ms, max_queue, max_queue_mb, max_body_mb, max_images, fsync, fsync_interval,
