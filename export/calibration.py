@@ -110,7 +110,8 @@ def cluster_threshold(embed: Callable[[np.ndarray], np.ndarray], images: np.ndar
     setting whose stream partition (as assigned on arrival) has the best silhouette. The search
     wins when that partition shows real structure (silhouette >= STRUCTURE_SILHOUETTE), as on
     data with a few broad classes (MNIST), where the rule cuts every class into many clusters; it
-    then also sets the merge threshold. Otherwise the rule stands and the runtime's default merge threshold applies.
+    then also sets the merge threshold. Otherwise the rule stands and the runtime's default merge
+    threshold applies.
     rule_factor: the rule's multiple of the midpoint (default: the runtime's RULE_FACTOR).
     """
     from protoedge.runtime.clustering import RULE_FACTOR, StreamClusterer, rule_threshold

@@ -8,19 +8,16 @@ offline on the 50 streams of benchmark (a), average linkage cut at the best glob
 reaches 87.9% with 18.5 (scratch, session 9; k-means chosen the same way 87.3%). This module gives
 the clusterer that model selection over its memory of recent samples.
 
-better_partition computes the distance matrix in numpy exactly as the reference below does (the
-same bits) and hands it to the compiled ward_cut (runtime/_rowloop.c, plain C): scipy's linkage
-algorithm step for step (the same merges at the same heights), the same cuts, labels and choice.
-Median CPU time per call on the 548 repair memories captured from benchmark (a) streams, one BLAS
-thread, shared 2-core x86-64 (scratch, session 11): 1.26-1.29 ms at n = 256 remembered samples
-(0.56 numpy distances + 0.65 ward_cut; 11 cuts) against 4.5-4.6 ms for the numpy + scipy code
-below; 0.80 against 3.3 at n = 200, 0.25 against 1.8 at n = 100. A version that also computed the
-distances in C, with AVX2 / AVX-512 kernels chosen at run time (not kept: ~850 lines of C), took
-0.82-0.85 ms at n = 256; the difference is numpy's distance matrix (a full matrix product, then a
-pass per operation), as that version's vector code after the distances was within 5% of the plain
-loops. tests/test_recluster.py compares the two paths label for label on real repair memories.
-better_partition_numpy is the reference and the fallback (numpy + scipy, already a runtime
-dependency; no torch).
+better_partition computes the distance matrix in numpy, as the reference below does, and hands
+it to the compiled ward_cut (runtime/_rowloop.c, plain C): scipy's linkage algorithm step for step
+(the same merges at the same heights), the same cuts, labels and choice; tests/test_recluster.py
+compares the two label for label on real repair memories. Median CPU time per call at n = 256
+remembered samples (11 cuts), one BLAS thread, shared 2-core x86-64 (scratch, session 11):
+1.26-1.29 ms (0.56 numpy distances + 0.65 ward_cut) against 4.5-4.6 ms for the numpy + scipy
+code; 1.87 ms in a noisier minute, of it the distances 0.78. A version that also computed the
+distances in C, with AVX2 / AVX-512 kernels chosen at run time, took 0.82-0.85 ms and was not
+kept (~850 lines of C). better_partition_numpy is the reference and the fallback (numpy + scipy,
+already a runtime dependency; no torch).
 """
 from __future__ import annotations
 
@@ -28,6 +25,7 @@ import os
 
 import numpy as np
 
+from protoedge.fewshot import pairwise_sqdist
 
 from .threshold_search import silhouette_from_distances, silhouette_from_sums
 
@@ -60,15 +58,10 @@ def better_partition(x: np.ndarray, current: np.ndarray, span: int, margin: floa
 
 
 def distances(x: np.ndarray) -> np.ndarray:
-    """The rows' Euclidean distance matrix in float64, zero diagonal: ``np.sqrt(pairwise_sqdist(x,
-    x))`` bit for bit (the same matrix product and elementwise operations in the same order), in
-    place rather than through a new n x n array per operation (0.55 against 0.7 ms at n = 256)."""
+    """The rows' Euclidean distance matrix in float64, zero diagonal (for the silhouettes and, as
+    its upper triangle, the linkage)."""
     x = x.astype(np.float64)
-    sq = (x * x).sum(1)
-    d = 2 * x @ x.T
-    np.subtract(sq[:, None], d, out=d)
-    d += sq[None]
-    np.maximum(d, 0, out=d)
+    d = pairwise_sqdist(x, x)
     np.sqrt(d, out=d)
     np.fill_diagonal(d, 0.0)
     return d

@@ -135,7 +135,7 @@ def memories():
 
 
 def test_distances_are_the_references_bit_for_bit(memories):
-    """recluster.distances (in place) computes better_partition_numpy's matrix: the same bits."""
+    """recluster.distances computes better_partition_numpy's matrix: the same bits."""
     for x, *_ in memories[::5] + [(groups([5, 7, 3], seed=9)[0],)]:
         x64 = x.astype(np.float64)
         ref = np.sqrt(pairwise_sqdist(x64, x64))
