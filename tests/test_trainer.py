@@ -172,6 +172,25 @@ def test_set_augment_names_some_fields_and_keeps_the_other_defaults():
         recipe_config("default", augment={"erasep": 0.2})
 
 
+
+def test_precision_auto_takes_bf16_only_where_the_device_has_it(monkeypatch):
+    from protoedge.trainer import train as train_mod
+    from protoedge.trainer.config import ConfigError
+
+    cpu = torch.device("cpu")
+    assert recipe_config("default").precision == "auto"  # the CLI's default too
+    for native, expected in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(train_mod, "native_bf16", lambda device, native=native: native)
+        assert train_mod.resolve(recipe_config("default"), 1, cpu).precision == expected
+        # an explicit choice is kept whatever the hardware
+        assert train_mod.resolve(recipe_config("default", precision="bf16"), 1, cpu).precision == "bf16"
+        assert train_mod.resolve(recipe_config("default", precision="fp32"), 1, cpu).precision == "fp32"
+    with pytest.raises(ConfigError, match="precision must be auto, bf16 or fp32"):
+        train_mod.resolve(recipe_config("default", precision="fp16"), 1, cpu)
+    monkeypatch.undo()
+    # this machine's own answer is a bool, from oneDNN's check
+    assert isinstance(train_mod.native_bf16(cpu), bool)
+
 def tiny_config(**kw) -> TrainConfig:
     base = dict(pool_limit=600, ae_steps=2, ae_batch=16, steps=4, aug_way=16, cluster_way=4, cluster_ks=[60], cluster_start=0.5,
                 cluster_every=2.0, recon_batch=8, precision="fp32", threads=1, val_every=2.0, log_every=1)

@@ -43,8 +43,9 @@ def register(main: click.Group, bench: click.Group) -> None:
                   help="Continue from a checkpoint written by `train` (weights, optimizer, RNG, step) with "
                        "its saved config; --time-budget/--steps/--threads/--device/--set given here override it.")
     @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-    @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
-                  help="bf16 autocast (CUDA, or CPUs with bf16 units) or plain fp32.")
+    @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+                  help="bf16 autocast or plain fp32; auto: bf16 where the device has bf16 units (CUDA, CPUs "
+                       "with AVX512-BF16 / AMX), fp32 elsewhere (emulated bf16 is several times slower).")
     @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                   help="Override a config field (JSON value), e.g. --set aug_way=128.")

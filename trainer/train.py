@@ -81,12 +81,27 @@ def training_pool(cfg: TrainConfig) -> TensorPool | FolderPool:
     return TensorPool(images, fingerprint, cfg.image_size)
 
 
-def resolve(cfg: TrainConfig, world: int) -> TrainConfig:
-    """Fix the values that 0 leaves open when a run starts (saved in the checkpoint, so a resumed
-    run keeps them whatever its number of processes)."""
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bf16 in hardware, where autocast to it pays."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:  # oneDNN's own check (AVX512-BF16 or AMX); private, so a torch without it means no
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve(cfg: TrainConfig, world: int, device: torch.device | None = None) -> TrainConfig:
+    """Fix the values that 0 or "auto" leave open when a run starts (saved in the checkpoint, so a
+    resumed run keeps them whatever its number of processes)."""
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if native_bf16(device or torch.device("cpu")) else "fp32"
+    elif precision not in ("bf16", "fp32"):
+        raise ConfigError(f"precision must be auto, bf16 or fp32, not {precision!r}")
     cfg = dataclasses.replace(cfg, image_size=cfg.image_size or (84 if cfg.data else 28),
                               channels=cfg.channels or (3 if cfg.data else 1),
-                              episodes_per_step=cfg.episodes_per_step or world)
+                              episodes_per_step=cfg.episodes_per_step or world, precision=precision)
     if cfg.episodes_per_step % world:
         raise ConfigError(f"episodes_per_step={cfg.episodes_per_step} does not split over {world} processes; "
                           f"use a multiple of {world} (--set episodes_per_step=N)")
@@ -342,7 +357,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
     torch.set_num_threads(cfg.threads)
     dist = distributed.setup(cfg.device)  # torchrun: the process group and this rank's device
     device = dist.device
-    cfg = resolve(cfg, dist.world)
+    cfg = resolve(cfg, dist.world, device)
     torch.manual_seed(cfg.seed)
     run = Run(cfg, device)
     if resume:
