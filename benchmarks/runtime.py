@@ -98,14 +98,10 @@ def bench_speed(bundle, images: np.ndarray, repeats: int) -> dict:
     # runtime_embed_only: the runtime's own encoder (single-threaded sessions without spinning, a
     # batch split over the threads) without clustering, to split the end-to-end gap into the
     # encoder and clustering
-    # runtime_serial: embed the whole batch, then cluster it (what rt.cluster does without the
-    # overlap of the two), to show what the overlap gains
-    # runtime_no_repair: the same with the clusterer's periodic repair off (refine_every=0), to show
-    # what the repair costs
-    serial = StreamClusterer.from_bundle(bundle)
+    # runtime_no_repair: rt.cluster with the clusterer's periodic repair off (refine_every=0), to
+    # show what the repair costs
     plain = StreamClusterer.from_bundle(bundle, refine_every=0)
-    methods = {"runtime": lambda x: rt.cluster(x), "runtime_serial": lambda x: serial.partial_fit(rt.embed(x)),
-               "runtime_no_repair": lambda x: plain.partial_fit(rt.embed(x)),
+    methods = {"runtime": lambda x: rt.cluster(x), "runtime_no_repair": lambda x: plain.partial_fit(rt.embed(x)),
                "runtime_embed_only": lambda x: rt.embed(x),
                "bare_onnxruntime": lambda x: bare.run(None, {in_name: x})}
     if model is not None:
@@ -573,9 +569,8 @@ def write_markdown(res: dict, path: Path) -> None:
     sp = res["speed"]
     L += ["", "## Speed (CPU, ONNX Runtime %d threads; torch: %s)" % (sp["threads"], sp["torch"]), "",
           "Runtime = pixels in, assignments out (validation, embedding, assign + update, and every "
-          "50 samples the clusterer's repair; a split batch's pieces are clustered while the pool "
-          "embeds the later ones). `runtime_serial` = embed the whole batch, then cluster it (no "
-          "overlap). `runtime_no_repair` = that with the repair off. "
+          "50 samples the clusterer's repair: the batch is embedded, then clustered). "
+          "`runtime_no_repair` = that with the repair off. "
           "Bare = `InferenceSession.run` on the same ONNX file, default session options. "
           "`runtime_embed_only` = the runtime's encoder without clustering (single-threaded sessions, "
           "no spinning; a batch of >= %d images is split over the threads). Each round runs every method "

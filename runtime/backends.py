@@ -5,8 +5,7 @@
   single-threaded sessions of the model; a batch of >= SPLIT_MIN images is cut into a few pieces
   per thread, which the calling thread and ``threads - 1`` pool threads take in turn, each on its
   own session (ONNX Runtime releases the GIL during a run). Smaller batches run on one session in
-  the calling thread. ``embed_each`` hands the caller each piece, in order, as soon as it is ready,
-  so that the caller can use it (cluster it) while the pool embeds the later ones.
+  the calling thread.
 * ``cuda`` / ``ort-tensorrt``: ONNX Runtime with the CUDA / TensorRT execution providers; the
   TensorRT EP keeps engine and timing caches under a persistent cache folder.
 * ``tensorrt``: native TensorRT (runtime/trt_backend.py), engine built once and cached.
@@ -24,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -148,21 +146,9 @@ class OrtEncoder:
         return self.embed_valid(x)
 
     def embed_valid(self, x: np.ndarray) -> np.ndarray:
-        """embed() without the checks, for callers that validated already."""
-        return self.embed_each(x)
-
-    def splits(self, n: int) -> bool:
-        """Whether a batch of n images is cut into pieces that the pool embeds meanwhile (see
-        embed_each)."""
-        return self._pool is not None and n >= self.split_min
-
-    def embed_each(self, x: np.ndarray, each=None) -> np.ndarray:
-        """embed_valid(), calling ``each(embeddings)`` on the calling thread for consecutive pieces
-        of the batch, in order (once for the whole batch when it is not split). Whenever the next
-        piece is ready the caller hands it to ``each`` (with the ready ones after it, in one call)
-        before it embeds another piece itself, so the work of ``each`` overlaps the pool's embedding
-        of the later pieces. An error in a piece (or in ``each``) is raised once the pool has
-        stopped; ``each`` never sees a piece after a failed one."""
+        """embed() without the checks, for callers that validated already. A split batch's pieces
+        are taken in turn by the calling thread and the pool; an error in a piece is raised once
+        the pool has stopped."""
         n = len(x)
         pool = self._pool if n >= self.split_min else None
         if self.fixed_batch:  # pad the tail to the fixed batch, drop the padding after
@@ -177,55 +163,34 @@ class OrtEncoder:
             size = min(-(-n // pieces), -(-self.max_batch // self.threads))
         starts = range(0, n, size)
         if len(starts) == 1 and (n == size or not self.fixed_batch):
-            y = self._run(self.session, x)
-            if each is not None:
-                each(y)
-            return y
+            return self._run(self.session, x)
         out = [None] * len(starts)
-        done = [threading.Event() for _ in starts]
         todo = iter(range(len(starts)))  # shared by the threads: next() is atomic under the GIL
-
-        def embed(session, i):
-            try:
-                chunk = x[starts[i]:starts[i] + size]
-                m = len(chunk)
-                if m < size and self.fixed_batch:
-                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - m, axis=0)])
-                out[i] = self._run(session, chunk)[:m]
-            except BaseException as e:  # raised by the caller, in order
-                out[i] = e
-            finally:
-                done[i].set()
 
         def work(session):
             for i in todo:
-                embed(session, i)
+                try:
+                    chunk = x[starts[i]:starts[i] + size]
+                    m = len(chunk)
+                    if m < size and self.fixed_batch:
+                        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - m, axis=0)])
+                    out[i] = self._run(session, chunk)[:m]
+                except BaseException as e:  # raised by the caller, once every thread has stopped
+                    out[i] = e
+                    for _ in todo:  # no thread starts another piece
+                        pass
 
         helpers = [pool.submit(work, s) for s in self.sessions[1:len(starts)]] if pool is not None else []
         try:
-            i = 0
-            while i < len(starts):
-                while not done[i].is_set():  # embed pieces not yet started until piece i is ready
-                    j = next(todo, None)
-                    if j is None:
-                        done[i].wait()  # a helper is on it
-                        break
-                    embed(self.session, j)
-                j = i + 1  # with the pieces ready after it: fewer, larger calls of `each`
-                while j < len(starts) and done[j].is_set():
-                    j += 1
-                for y in out[i:j]:
-                    if isinstance(y, BaseException):
-                        raise y
-                if each is not None:
-                    each(out[i] if j == i + 1 else np.concatenate(out[i:j]))
-                i = j
+            work(self.session)  # the calling thread takes pieces too, until none is left
         finally:
-            for _ in todo:  # after an error: no helper starts another piece
-                pass
             for f in helpers:  # a helper that has not started yet has nothing left to do
                 if not f.cancel():
                     f.result()  # wait for its piece before returning
+        # pieces are taken in order, so every piece before the first failed one was embedded
+        for y in out:
+            if isinstance(y, BaseException):
+                raise y
         return np.concatenate(out)
 
     def _run(self, session, x: np.ndarray) -> np.ndarray:

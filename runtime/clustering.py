@@ -111,7 +111,7 @@ class one_blas_thread:
     would feel)."""
 
     _libs = None
-    # Blocks open on any thread. Nested blocks (Runtime.cluster's around each piece's partial_fit)
+    # Blocks open on any thread. Nested blocks (a caller's block around several clusterer calls)
     # skip the controllers: the limit is already set, and they cost ~10 us a call. The library
     # setting is process-wide, so the first block in sets it and the last one out restores it.
     _depth = 0

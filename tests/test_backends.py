@@ -155,25 +155,21 @@ def test_an_error_in_a_pool_thread_reaches_the_caller(bundle, images):
 
 
 
-def test_embed_each_hands_over_the_pieces_in_order(bundle, images):
+def test_a_failed_piece_stops_the_others_and_the_first_error_in_order_is_raised(bundle, images):
     with OrtEncoder(bundle, "cpu", threads=2) as enc:
-        got = []
-        out = enc.embed_each(images[:64], got.append)
-        assert len(got) > 1
-        np.testing.assert_array_equal(np.concatenate(got), out)
-        np.testing.assert_allclose(out, one_session(enc, images[:64]), atol=1e-5)
-        got = []
-        enc.embed_each(images[:SPLIT_MIN - 1], got.append)  # not split: one piece
-        assert len(got) == 1 and len(got[0]) == SPLIT_MIN - 1
+        run, calls = enc._run, []
 
-        def fails(e):
-            got.append(len(e))
-            raise ValueError("each failed")
+        def third_fails(session, x):
+            calls.append(len(x))
+            if len(calls) == 3:
+                raise ValueError("third piece failed")
+            return run(session, x)
 
-        got = []
-        with pytest.raises(ValueError, match="each failed"):
-            enc.embed_each(images[:256], fails)
-        assert len(got) == 1  # nothing after the failed piece
+        enc._run = third_fails
+        with pytest.raises(ValueError, match="third piece failed"):
+            enc.embed(images[:256])  # 8 pieces of 32
+        assert len(calls) < 8  # no piece was started after the failure (one may have been running)
+        enc._run = run
         np.testing.assert_allclose(enc.embed(images[:64]), one_session(enc, images[:64]), atol=1e-5)
 
 

@@ -657,7 +657,7 @@ def test_blas_runs_on_one_thread_inside_the_clusterer_and_is_restored_after(monk
 
 
 def test_the_one_thread_blas_limit_holds_until_the_last_block_on_any_thread_ends():
-    """Blocks nest (Runtime.cluster's around each piece's partial_fit) and overlap across threads
+    """Blocks nest (a caller's block around several clusterer calls) and overlap across threads
     (the daemon's worker and a caller): the limit stays until the last one leaves, then the
     setting from before the first comes back. (OpenBLAS ignores a raise of its thread count asked
     from a thread other than the main one, so the restore is checked with the main thread last.)"""
