@@ -63,7 +63,12 @@ def to_int8(src: str | Path, dst: str | Path, calibration_images: np.ndarray, ba
     """Static INT8 quantisation with QuantizeLinear/DequantizeLinear pairs, calibrated (min/max) on
     real unlabelled images, per-channel int8 weights. ``target="tensorrt"``: symmetric int8
     activations, the form TensorRT consumes in strongly typed mode; ``target="cpu"``: asymmetric
-    uint8 activations, the form ONNX Runtime's CPU provider runs fastest (see the module doc)."""
+    uint8 activations, the form ONNX Runtime's CPU provider runs fastest (see the module doc), with
+    7-bit weights (``reduce_range``): x86 CPUs without VNNI (AVX2, plain AVX-512) multiply u8 x s8
+    pairs into a saturating int16 sum, and full-range weights overflowed it. On an AVX2-only AMD
+    EPYC the 3,000-step Omniglot encoder's int8-cpu embeddings were within cosine 0.970 of FP32's
+    at worst with 8-bit weights and 0.994 with 7-bit ones (512 test images); VNNI and Arm's dot
+    products do not saturate, so there the range costs one bit of weight precision and no speed."""
     import onnx
 
     if len(calibration_images) == 0:
@@ -75,7 +80,7 @@ def to_int8(src: str | Path, dst: str | Path, calibration_images: np.ndarray, ba
     with _quiet_root_logger():
         quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                        weight_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, reduce_range=not symmetric,
                         extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
     onnx.checker.check_model(onnx.load(str(dst)), full_check=True)
     return Path(dst)
