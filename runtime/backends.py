@@ -12,8 +12,9 @@
 * ``auto``: the first of tensorrt, ort-tensorrt, cuda, cpu that starts.
 
 ``precision="auto"`` takes, per backend tried, the variant that runs fastest there among those
-the bundle carries: int8-cpu on ``cpu`` (1.5-1.9x FP32 on a 2-core x86 CPU, 5-way 1-shot within
-0.05 points, benchmarks/results/export.md), fp32 on the GPU backends (the TensorRT and CUDA paths
+the bundle carries: int8-cpu on ``cpu`` (at batch 64, 1.9x FP32 on a 2-core Xeon with VNNI and
+1.3x on an AVX2-only EPYC; 5-way 1-shot within 0.06 points, benchmarks/results/export.md), fp32 on
+the GPU backends (the TensorRT and CUDA paths
 are not measured here, so no reduced precision is chosen for them unasked).
 
 ONNX Runtime silently falls back to CPU when a provider fails to load, so every GPU session is
@@ -82,6 +83,10 @@ class OrtEncoder:
             if precision not in TENSORRT_PRECISIONS:  # int8-cpu: asymmetric activations TensorRT rejects
                 raise BackendUnavailable(f"TensorRT takes the {', '.join(TENSORRT_PRECISIONS)} variants, not "
                                          f"{precision!r} (use int8 for INT8 with ort-tensorrt)")
+        if backend == "cpu" and precision == "int8":
+            log.warning("int8 is the TensorRT form of the INT8 model (signed activations): on the CPU "
+                        "provider it runs no faster than fp32, and x86 CPUs without VNNI saturate in its "
+                        "int8 kernels (embeddings off by up to 0.14 in cosine); use int8-cpu on the CPU")
         if wanted not in ort.get_available_providers():
             raise BackendUnavailable(f"backend {backend!r} needs ONNX Runtime's {wanted}, which this "
                                      f"onnxruntime build lacks (has: {', '.join(ort.get_available_providers())})")

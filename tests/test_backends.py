@@ -173,6 +173,16 @@ def test_a_failed_piece_stops_the_others_and_the_first_error_in_order_is_raised(
         np.testing.assert_allclose(enc.embed(images[:64]), one_session(enc, images[:64]), atol=1e-5)
 
 
+def test_the_tensorrt_int8_form_on_the_cpu_warns_towards_int8_cpu(bundle, caplog):
+    with caplog.at_level("WARNING", logger="protoedge.runtime.backends"):
+        open_encoder(bundle, "cpu", precision="int8", threads=1).close()
+    assert any("use int8-cpu on the CPU" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="protoedge.runtime.backends"):
+        open_encoder(bundle, "cpu", precision="int8-cpu", threads=1).close()
+    assert not caplog.records
+
+
 def test_auto_precision_is_int8_cpu_on_the_cpu_and_fp32_elsewhere_or_without_it(bundle, images):
     assert "int8-cpu" in bundle.precisions
     with open_encoder(bundle, "cpu", precision="auto", threads=1) as enc:
