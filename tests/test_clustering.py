@@ -639,21 +639,23 @@ def test_blas_runs_on_one_thread_inside_the_clusterer_and_is_restored_after(monk
     def blas_threads():
         return [i["num_threads"] for i in threadpool_info() if i["filepath"] in ours]
 
+    # where the clusterer multiplies matrices: the repair (both loops) and the numpy loop's batch
     seen = []
-    name = "_fit_rows" if StreamClusterer.compiled else "_fit_batch"
-    real = getattr(StreamClusterer, name)
+    names = ["_repair"] + ([] if StreamClusterer.compiled else ["_fit_batch"])
+    for name in names:
+        def spy(self, *a, _real=getattr(StreamClusterer, name)):
+            seen.append(blas_threads())
+            return _real(self, *a)
 
-    def spy(self, x):
-        seen.append(blas_threads())
-        return real(self, x)
-
-    monkeypatch.setattr(StreamClusterer, name, spy)
-    x, _, _ = blobs(n_classes=3, per_class=10)
+        monkeypatch.setattr(StreamClusterer, name, spy)
+    x, _, _ = blobs(n_classes=3, per_class=30)
     with threadpool_limits(limits=2, user_api="blas"):
         before = blas_threads()
-        StreamClusterer(D, threshold=0.5).partial_fit(x)
+        c = StreamClusterer(D, threshold=0.5, refine_every=20)
+        c.partial_fit(x)
         assert blas_threads() == before
-    assert seen and all(t == [1] * len(before) for t in seen)
+    assert c.stats["refinements"] > 0 and len(seen) >= len(names)
+    assert all(t == [1] * len(before) for t in seen)
 
 
 def test_the_one_thread_blas_limit_holds_until_the_last_block_on_any_thread_ends():
