@@ -42,6 +42,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define EV_DONE 0
@@ -100,10 +101,42 @@ static float dot(const float *a, const float *b, Py_ssize_t d)
     return reduce8(acc, a, b, i, d);
 }
 
+/* dot4 (below) in 8-wide AVX vectors: lane k of one vector is lane k of dot()'s two 4-wide ones,
+ * the multiplies and adds are separate (the target has no FMA to contract them into), so the sums
+ * are bit for bit the same, in half the instructions. Chosen at run time (x86-64's baseline is
+ * SSE2 only). */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_AVX_PATH 1
+static int use_avx2;
+
+__attribute__((target("avx2"))) static void dot4_avx2(const float *x, const float *p, Py_ssize_t d, float out[4])
+{
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    Py_ssize_t i = 0;
+    for (; i + 8 <= d; i += 8) {
+        __m256 xv = _mm256_loadu_ps(x + i);
+        for (int q = 0; q < 4; q++)
+            acc[q] = _mm256_add_ps(acc[q], _mm256_mul_ps(xv, _mm256_loadu_ps(p + q * d + i)));
+    }
+    for (int q = 0; q < 4; q++) {
+        float a[8];
+        _mm256_storeu_ps(a, acc[q]);
+        out[q] = reduce8(a, x, p + q * d, i, d);
+    }
+}
+#endif
+
 /* dot(x, p + q * d) for q = 0..3, each in exactly dot()'s order (a score never depends on which
  * of the two computed it); four independent chains of sums instead of one keep the adder busy. */
 static void dot4(const float *x, const float *p, Py_ssize_t d, float out[4])
 {
+#ifdef HAVE_AVX_PATH
+    if (use_avx2) {
+        dot4_avx2(x, p, d, out);
+        return;
+    }
+#endif
 #ifdef HAVE_VEC
     vec4 lo[4] = {VZERO(), VZERO(), VZERO(), VZERO()}, hi[4] = {VZERO(), VZERO(), VZERO(), VZERO()};
     Py_ssize_t i = 0;
@@ -468,6 +501,42 @@ done:
     return result;
 }
 
+/* split_scan()'s work (below) on plain arrays: returns k and sets *r_out; count (2 n int64, all
+ * zero), start (n int64), X (m d floats) and work (5 d doubles) are scratch. */
+static Py_ssize_t split_groups(const float *x, const int64_t *slots, const unsigned char *fresh, Py_ssize_t m,
+                               Py_ssize_t d, Py_ssize_t n, Py_ssize_t split_min, long iters, int64_t *rows,
+                               int64_t *sizes, int64_t *tested, unsigned char *mask, double *gap, int64_t *count,
+                               int64_t *start, float *X, double *work, Py_ssize_t *r_out)
+{
+    Py_ssize_t k = 0, r = 0;
+    int64_t *fcount = count + n;
+    for (Py_ssize_t i = 0; i < m; i++) {
+        count[slots[i]]++;
+        fcount[slots[i]] += fresh[i] != 0;
+    }
+    for (Py_ssize_t s = 0; s < n; s++) {
+        start[s] = -1;
+        if (count[s] >= split_min && fcount[s] >= 2) {
+            start[s] = r;
+            tested[k] = s;
+            sizes[k++] = count[s];
+            r += count[s];
+        }
+    }
+    for (Py_ssize_t i = 0; i < m; i++) {  /* each tested slot's rows, in the order of x */
+        int64_t s = slots[i];
+        if (start[s] >= 0) {
+            Py_ssize_t at = (Py_ssize_t)start[s]++;
+            rows[at] = i;
+            memcpy(X + at * d, x + i * d, sizeof(float) * (size_t)d);
+        }
+    }
+    if (k > 0)
+        two_means_core(X, sizes, k, d, iters, mask, gap, work);
+    *r_out = r;
+    return k;
+}
+
 /* split_scan(x, slots, fresh, n, split_min, iters, rows, sizes, tested, mask, gap) -> (k, r): the
  * candidates of StreamClusterer._split and their 2-means in one call. A slot is tested when at
  * least split_min rows of x belong to it, two of them fresh; its rows go to `rows` (slots in
@@ -524,30 +593,8 @@ static PyObject *split_scan(PyObject *self, PyObject *const *args, Py_ssize_t na
     int64_t *rows = b[SROWS].buf, *sizes = b[SSIZES].buf, *tested = b[STESTED].buf;
     Py_ssize_t k = 0, r = 0;
     Py_BEGIN_ALLOW_THREADS
-    int64_t *fcount = count + n;
-    for (Py_ssize_t i = 0; i < m; i++) {
-        count[slots[i]]++;
-        fcount[slots[i]] += fresh[i] != 0;
-    }
-    for (Py_ssize_t s = 0; s < n; s++) {
-        start[s] = -1;
-        if (count[s] >= split_min && fcount[s] >= 2) {
-            start[s] = r;
-            tested[k] = s;
-            sizes[k++] = count[s];
-            r += count[s];
-        }
-    }
-    for (Py_ssize_t i = 0; i < m; i++) {  /* each tested slot's rows, in the order of x */
-        int64_t s = slots[i];
-        if (start[s] >= 0) {
-            Py_ssize_t at = (Py_ssize_t)start[s]++;
-            rows[at] = i;
-            memcpy(X + at * d, (const float *)b[SX].buf + i * d, sizeof(float) * (size_t)d);
-        }
-    }
-    if (k > 0)
-        two_means_core(X, sizes, k, d, iters, b[SMASK].buf, b[SGAP].buf, work);
+    k = split_groups(b[SX].buf, slots, fresh, m, d, n, split_min, iters, rows, sizes, tested, b[SMASK].buf,
+                     b[SGAP].buf, count, start, X, work, &r);
     Py_END_ALLOW_THREADS
     result = Py_BuildValue("nn", k, r);
 done:
@@ -592,6 +639,47 @@ static double sqdist(const float *a, const float *b, Py_ssize_t d)
         s += t * t;
     }
     return (double)s;
+}
+
+/* move()'s arithmetic (below) on plain arrays; mark (n bytes) must be all zero and is left so,
+ * leave holds m doubles. */
+static void move_core(const float *x, const int64_t *src, const int64_t *dst, const double *w, Py_ssize_t m,
+                      Py_ssize_t d, float *sums, double *counts, double *spread, int64_t *seen, float *search,
+                      float *sqn, Py_ssize_t n, int cosine, char *mark, double *leave)
+{
+    for (Py_ssize_t i = 0; i < m; i++) {  /* the distance to the old prototype, before it moves */
+        leave[i] = w[i] * sqdist(x + i * d, search + src[i] * d, d);
+        mark[src[i]] = mark[dst[i]] = 1;
+    }
+    for (int pass = 0; pass < 2; pass++) {
+        const int64_t *slot = pass ? dst : src;
+        double sign = pass ? 1.0 : -1.0;
+        for (Py_ssize_t i = 0; i < m; i++) {
+            float *s = sums + slot[i] * d;
+            const float *xi = x + i * d;
+            for (Py_ssize_t c = 0; c < d; c++) {
+                float wx = (float)((double)xi[c] * w[i]);
+                s[c] += pass ? wx : -wx;
+            }
+            counts[slot[i]] += sign * w[i];
+            seen[slot[i]] += pass ? 1 : -1;
+        }
+    }
+    for (Py_ssize_t s = 0; s < n; s++)
+        if (mark[s])
+            refresh(search, sqn, sums, counts, s, d, cosine);
+    for (Py_ssize_t i = 0; i < m; i++)
+        spread[src[i]] += -leave[i];
+    for (Py_ssize_t i = 0; i < m; i++)
+        spread[dst[i]] += w[i] * sqdist(x + i * d, search + dst[i] * d, d);
+    for (Py_ssize_t s = 0; s < n; s++)
+        if (mark[s]) {
+            if (spread[s] < 0.0)
+                spread[s] = 0.0;
+            if (seen[s] < 0)
+                seen[s] = 0;
+            mark[s] = 0;
+        }
 }
 
 enum { MX, MSRC, MDST, MW, MSUMS, MCOUNTS, MSPREAD, MSEEN, MSEARCH, MSQN, M_BUF };
@@ -639,44 +727,9 @@ static PyObject *move(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_NoMemory();
         goto done;
     }
-    const float *x = b[MX].buf;
-    const double *w = b[MW].buf;
-    float *sums = b[MSUMS].buf, *search = b[MSEARCH].buf, *sqn = b[MSQN].buf;
-    double *counts = b[MCOUNTS].buf, *spread = b[MSPREAD].buf;
-    int64_t *seen = b[MSEEN].buf;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < m; i++) {  /* the distance to the old prototype, before it moves */
-        leave[i] = w[i] * sqdist(x + i * d, search + src[i] * d, d);
-        mark[src[i]] = mark[dst[i]] = 1;
-    }
-    for (int pass = 0; pass < 2; pass++) {
-        const int64_t *slot = pass ? dst : src;
-        double sign = pass ? 1.0 : -1.0;
-        for (Py_ssize_t i = 0; i < m; i++) {
-            float *s = sums + slot[i] * d;
-            const float *xi = x + i * d;
-            for (Py_ssize_t c = 0; c < d; c++) {
-                float wx = (float)((double)xi[c] * w[i]);
-                s[c] += pass ? wx : -wx;
-            }
-            counts[slot[i]] += sign * w[i];
-            seen[slot[i]] += pass ? 1 : -1;
-        }
-    }
-    for (Py_ssize_t s = 0; s < n; s++)
-        if (mark[s])
-            refresh(search, sqn, sums, counts, s, d, cosine);
-    for (Py_ssize_t i = 0; i < m; i++)
-        spread[src[i]] += -leave[i];
-    for (Py_ssize_t i = 0; i < m; i++)
-        spread[dst[i]] += w[i] * sqdist(x + i * d, search + dst[i] * d, d);
-    for (Py_ssize_t s = 0; s < n; s++)
-        if (mark[s]) {
-            if (spread[s] < 0.0)
-                spread[s] = 0.0;
-            if (seen[s] < 0)
-                seen[s] = 0;
-        }
+    move_core(b[MX].buf, src, dst, b[MW].buf, m, d, b[MSUMS].buf, b[MCOUNTS].buf, b[MSPREAD].buf, b[MSEEN].buf,
+              b[MSEARCH].buf, b[MSQN].buf, n, cosine, mark, leave);
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
@@ -686,6 +739,38 @@ done:
     for (int q = 0; q < got; q++)
         PyBuffer_Release(&b[q]);
     return result;
+}
+
+/* closest_pair()'s search (below) on plain arrays: the pair's positions in *ba, *bb (-1 if none),
+ * its cost returned. */
+static double closest_core(const float *search, const float *sqn, const double *counts, const int64_t *slots,
+                           const int64_t *codes, Py_ssize_t t, Py_ssize_t d, double cap, Py_ssize_t *ba_out,
+                           Py_ssize_t *bb_out)
+{
+    Py_ssize_t ba = -1, bb = -1;
+    double top = INFINITY;
+    for (Py_ssize_t i = 0; i < t; i++)
+        for (Py_ssize_t j = i + 1; j < t; j++) {
+            if (codes[i] >= 0 && codes[j] >= 0 && codes[i] != codes[j])
+                continue;
+            int64_t sa = slots[i], sb = slots[j];
+            double g = (double)dot(search + sa * d, search + sb * d, d);
+            double dist = (double)sqn[sa] + (double)sqn[sb] - 2.0 * g;
+            if (dist < 0.0)
+                dist = 0.0;
+            if (!(dist < cap))
+                continue;
+            double ca = counts[sa], cb = counts[sb];
+            double cost = ca * cb / (ca + cb) * dist;
+            if (cost < top || ba < 0) {
+                top = cost;
+                ba = i;
+                bb = j;
+            }
+        }
+    *ba_out = ba;
+    *bb_out = bb;
+    return top;
 }
 
 /* closest_pair(search, sqn, counts, slots, codes, cap, n) -> (a, b, cost): among the pairs a < b of
@@ -717,30 +802,360 @@ static PyObject *closest_pair(PyObject *self, PyObject *const *args, Py_ssize_t 
     const float *search = b[0].buf, *sqn = b[1].buf;
     const double *counts = b[2].buf;
     Py_ssize_t ba = -1, bb = -1;
-    double top = INFINITY;
+    double top;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < t; i++)
-        for (Py_ssize_t j = i + 1; j < t; j++) {
-            if (codes[i] >= 0 && codes[j] >= 0 && codes[i] != codes[j])
-                continue;
-            int64_t sa = slots[i], sb = slots[j];
-            double g = (double)dot(search + sa * d, search + sb * d, d);
-            double dist = (double)sqn[sa] + (double)sqn[sb] - 2.0 * g;
-            if (dist < 0.0)
-                dist = 0.0;
-            if (!(dist < cap))
-                continue;
-            double ca = counts[sa], cb = counts[sb];
-            double cost = ca * cb / (ca + cb) * dist;
-            if (cost < top || ba < 0) {
-                top = cost;
-                ba = i;
-                bb = j;
-            }
-        }
+    top = closest_core(search, sqn, counts, slots, codes, t, d, cap, &ba, &bb);
     Py_END_ALLOW_THREADS
     result = Py_BuildValue("nnd", ba, bb, ba < 0 ? INFINITY : top);
 done:
+    for (int q = 0; q < got; q++)
+        PyBuffer_Release(&b[q]);
+    return result;
+}
+
+/* ---- repair: StreamClusterer._repair's split, reassign and merge steps in one call -------------
+ *
+ * The same steps as _split, _reassign, _move_members and _merge_close in clustering.py (the numpy
+ * loop's repair, and the reference for this one), in the same order, with the same slot
+ * bookkeeping: a removed slot is filled by the last live slot. What only Python can do (the
+ * clusters' names, the id -> slot dict, merge aliases, counters) is written to `ops`, one row per
+ * change, for StreamClusterer._replay:
+ *   OP_OPEN     slot, id                      a split opened a cluster
+ *   OP_MERGE    kept slot, gone slot, kept id, gone id   (before the gone slot's OP_REMOVE)
+ *   OP_REMOVE   slot, last slot, its id, last's id       last moved into slot (when they differ)
+ *   OP_DISSOLVE id, heir id (-1: none)        a drained cluster (after its OP_REMOVE)
+ * At most m / 2 opens (two members each), m dissolves and m - 1 merges (each touched slot holds a
+ * remembered row), two rows each: ops holds 5 m + 8 rows.
+ *
+ * repair(x, slots, weight, fresh, mem_ids, sums, search, sqn, counts, spread, seen, created, last,
+ *        ids, codes, ops, n, max_clusters, step, next_id, cscale, threshold, split_distance,
+ *        split_min, merge_threshold, merge_cap, merge_cost, min_size, cosine)
+ *   -> (n, next_id, n_ops, touched)
+ *   x float32 [m, d], slots int64 [m] (updated), weight float64 [m], fresh bool [m]: the memory;
+ *   mem_ids int64 [m] (out): each row's cluster id after the reassignment, before the merges;
+ *   the slot arrays as fit_rows takes them, plus created, ids and codes (int64: -1 unlabelled,
+ *   else one code per name), with room for min(n + m / 2, max_clusters) slots; step: the step a
+ *   cluster opened now is created at; touched: slots the memory touches before the merges. */
+
+#define OP_OPEN 1
+#define OP_REMOVE 2
+#define OP_DISSOLVE 3
+#define OP_MERGE 4
+
+typedef struct {
+    Py_ssize_t d, n;
+    float *sums, *search, *sqn;
+    double *counts, *spread;
+    int64_t *seen, *created, *last, *ids, *codes, *ops;
+    Py_ssize_t n_ops;
+    int cosine;
+} slots_t;
+
+static void log_op(slots_t *st, int64_t kind, int64_t a, int64_t b, int64_t c, int64_t e)
+{
+    int64_t *o = st->ops + 5 * st->n_ops++;
+    o[0] = kind;
+    o[1] = a;
+    o[2] = b;
+    o[3] = c;
+    o[4] = e;
+}
+
+/* StreamClusterer._remove_slot */
+static void remove_slot(slots_t *st, Py_ssize_t s)
+{
+    Py_ssize_t last = st->n - 1, d = st->d;
+    log_op(st, OP_REMOVE, s, last, st->ids[s], st->ids[last]);
+    if (s != last) {
+        memcpy(st->sums + s * d, st->sums + last * d, sizeof(float) * (size_t)d);
+        memcpy(st->search + s * d, st->search + last * d, sizeof(float) * (size_t)d);
+        st->sqn[s] = st->sqn[last];
+        st->counts[s] = st->counts[last];
+        st->spread[s] = st->spread[last];
+        st->seen[s] = st->seen[last];
+        st->created[s] = st->created[last];
+        st->last[s] = st->last[last];
+        st->ids[s] = st->ids[last];
+        st->codes[s] = st->codes[last];
+    }
+    st->n = last;
+}
+
+/* StreamClusterer._merge_slots; returns the kept slot's number before the gone one is removed. */
+static Py_ssize_t merge_slots(slots_t *st, Py_ssize_t a, Py_ssize_t b)
+{
+    Py_ssize_t d = st->d;
+    int64_t la = st->codes[a], lb = st->codes[b];
+    int keep_a = ((la < 0) != (lb < 0)) ? la >= 0 : st->counts[a] >= st->counts[b];
+    Py_ssize_t s = keep_a ? a : b, o = keep_a ? b : a;
+    float dist = st->sqn[s] + st->sqn[o] - 2.0f * dot(st->search + s * d, st->search + o * d, d);
+    double ca = st->counts[s], cb = st->counts[o];
+    double merged = (st->spread[s] + st->spread[o] + ca * cb / (ca + cb) * (dist > 0.0f ? (double)dist : 0.0)) /
+                    (ca + cb);
+    st->spread[s] = merged * (ca + cb);
+    float *ms = st->sums + s * d, *mo = st->sums + o * d;
+    for (Py_ssize_t c = 0; c < d; c++)
+        ms[c] += mo[c];
+    st->counts[s] += st->counts[o];
+    st->seen[s] += st->seen[o];
+    if (st->created[o] < st->created[s])
+        st->created[s] = st->created[o];
+    if (st->last[o] > st->last[s])
+        st->last[s] = st->last[o];
+    if (st->codes[s] < 0)
+        st->codes[s] = st->codes[o];
+    refresh(st->search, st->sqn, st->sums, st->counts, s, d, st->cosine);
+    log_op(st, OP_MERGE, s, o, st->ids[s], st->ids[o]);
+    remove_slot(st, o);
+    return s;
+}
+
+/* The sorted distinct slots of rows (each < n) into out; mark: n zero bytes, left zero. */
+static Py_ssize_t distinct(const int64_t *slots, Py_ssize_t m, Py_ssize_t n, char *mark, int64_t *out)
+{
+    Py_ssize_t t = 0;
+    for (Py_ssize_t i = 0; i < m; i++)
+        mark[slots[i]] = 1;
+    for (Py_ssize_t s = 0; s < n; s++)
+        if (mark[s]) {
+            out[t++] = s;
+            mark[s] = 0;
+        }
+    return t;
+}
+
+enum { RX, RSLOTS, RW, RFRESH, RMEMIDS, RSUMS, RSEARCH, RSQN, RCOUNTS, RSPREAD, RSEEN, RCREATED, RLAST, RIDS,
+       RCODES, ROPS, R_BUF };
+
+static PyObject *repair(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (!nargs_ok(nargs, 29, "repair"))
+        return NULL;
+    Py_ssize_t n = PyLong_AsSsize_t(args[16]), max_clusters = PyLong_AsSsize_t(args[17]);
+    long long step = PyLong_AsLongLong(args[18]), next_id = PyLong_AsLongLong(args[19]);
+    double cscale = PyFloat_AsDouble(args[20]), tau = PyFloat_AsDouble(args[21]);
+    double split_distance = PyFloat_AsDouble(args[22]);
+    Py_ssize_t split_min = PyLong_AsSsize_t(args[23]);
+    double merge_threshold = PyFloat_AsDouble(args[24]), merge_cap = PyFloat_AsDouble(args[25]);
+    double merge_cost = PyFloat_AsDouble(args[26]);
+    Py_ssize_t min_size = PyLong_AsSsize_t(args[27]);
+    int cosine = PyObject_IsTrue(args[28]);
+    if (PyErr_Occurred() || cosine < 0)
+        return NULL;
+    if (n < 1 || max_clusters < n || split_min < 2) {
+        PyErr_SetString(PyExc_ValueError, "repair: needs 1 <= n <= max_clusters and split_min >= 2");
+        return NULL;
+    }
+    static const char kinds[R_BUF] = {'f', 'q', 'd', '?', 'q', 'f', 'f', 'f', 'd', 'd', 'q', 'q', 'q', 'q', 'q', 'q'};
+    static const char *names[R_BUF] = {"x", "slots", "weight", "fresh", "mem_ids", "sums", "search", "sqn",
+                                       "counts", "spread", "seen", "created", "last", "ids", "codes", "ops"};
+    Py_buffer b[R_BUF];
+    int got = 0;
+    Py_ssize_t m = 0, d = -1, cap = 0;
+    PyObject *result = NULL;
+    char *arena = NULL;
+    for (; got < R_BUF; got++) {
+        int twod = got == RX || got == RSUMS || got == RSEARCH || got == ROPS;
+        /* per-row arrays hold m rows; slot arrays room for the clusters splits may open */
+        Py_ssize_t len = got == RX ? 0 : got <= RMEMIDS ? m : got == ROPS ? 5 * m + 8 : cap;
+        if (get(args[got], &b[got], names[got], kinds[got], twod ? 2 : 1, len, got == ROPS ? 5 : d,
+                got == RSLOTS || got >= RMEMIDS) < 0)
+            goto done;
+        if (got == RX) {
+            m = b[RX].shape[0];
+            d = b[RX].shape[1];
+            cap = n + m / 2 < max_clusters ? n + m / 2 : max_clusters;
+        }
+    }
+    int64_t *slots = b[RSLOTS].buf;
+    if (!slot_ok(slots, m, n, "repair"))
+        goto done;
+    /* scratch, in one block: the split's groups and 2-means, the moves, the heirs' votes */
+    size_t cap_s = (size_t)cap + 1, m_s = (size_t)m + 1, d_s = (size_t)(d > 0 ? d : 1);
+    size_t bytes = sizeof(int64_t) * (m_s * 6 + cap_s * 8) + sizeof(double) * (m_s * 2 + cap_s + 5 * d_s) +
+                   sizeof(float) * 2 * m_s * d_s + cap_s + m_s;
+    arena = PyMem_Malloc(bytes);
+    if (arena == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    char *at = arena;
+#define CARVE(type, count) ((type *)(at += sizeof(type) * (count), at - sizeof(type) * (count)))
+    int64_t *rows = CARVE(int64_t, m_s), *src = CARVE(int64_t, m_s), *dst = CARVE(int64_t, m_s);
+    int64_t *best = CARVE(int64_t, m_s), *before = CARVE(int64_t, m_s), *small = CARVE(int64_t, m_s);
+    int64_t *sizes = CARVE(int64_t, cap_s), *tested = CARVE(int64_t, cap_s), *count = CARVE(int64_t, 2 * cap_s);
+    int64_t *start = CARVE(int64_t, cap_s), *touched = CARVE(int64_t, cap_s), *votes = CARVE(int64_t, cap_s);
+    int64_t *cand = CARVE(int64_t, cap_s);
+    double *w = CARVE(double, m_s), *leave = CARVE(double, m_s), *gap = CARVE(double, cap_s);
+    double *work = CARVE(double, 5 * d_s);
+    float *X = CARVE(float, m_s * d_s), *G = CARVE(float, m_s * d_s);
+    char *mark = CARVE(char, cap_s);
+    unsigned char *far = CARVE(unsigned char, m_s);
+#undef CARVE
+    memset(count, 0, sizeof(int64_t) * 2 * cap_s);  /* the scratch that must start at zero */
+    memset(votes, 0, sizeof(int64_t) * cap_s);
+    memset(mark, 0, cap_s);
+    const float *x = b[RX].buf;
+    const double *weight = b[RW].buf;
+    int64_t *mem_ids = b[RMEMIDS].buf;
+    slots_t st = {d, n, b[RSUMS].buf, b[RSEARCH].buf, b[RSQN].buf, b[RCOUNTS].buf, b[RSPREAD].buf, b[RSEEN].buf,
+                  b[RCREATED].buf, b[RLAST].buf, b[RIDS].buf, b[RCODES].buf, b[ROPS].buf, 0, cosine};
+    Py_ssize_t n_touched = 0;
+    Py_BEGIN_ALLOW_THREADS
+
+    /* _split: carve the smaller half out of each cluster whose members 2-means splits far apart */
+    Py_ssize_t r = 0, k = split_groups(x, slots, b[RFRESH].buf, m, d, st.n, split_min, 8, rows, sizes, tested, far,
+                                       gap, count, start, X, work, &r);
+    for (Py_ssize_t g = 0, end = 0; g < k; g++) {
+        Py_ssize_t size = (Py_ssize_t)sizes[g], first = end, nf = 0, ns = 0;
+        end += size;
+        if (!(gap[g] > split_distance * tau))
+            continue;
+        for (Py_ssize_t i = first; i < end; i++)
+            nf += far[i] != 0;
+        int take = 2 * nf <= size;  /* the far half when it is the smaller one (or equal) */
+        for (Py_ssize_t i = first; i < end; i++)
+            if ((far[i] != 0) == take)
+                small[ns++] = rows[i];
+        if (ns < 2)
+            continue;
+        if (st.n >= max_clusters)
+            break;  /* opening a cluster now would evict one the memory may still point at */
+        Py_ssize_t s = st.n++;  /* _open(x[small[0]], 1.0), then emptied: the move brings its members */
+        const float *x0 = x + small[0] * d;
+        for (Py_ssize_t c = 0; c < d; c++)
+            st.sums[s * d + c] = (float)(x0[c] * (float)(1.0 / cscale));
+        st.counts[s] = 1.0 / cscale;
+        refresh(st.search, st.sqn, st.sums, st.counts, s, d, cosine);
+        memset(st.sums + s * d, 0, sizeof(float) * (size_t)d);
+        st.counts[s] = st.spread[s] = 0.0;
+        st.seen[s] = 0;
+        st.created[s] = st.last[s] = step;
+        st.ids[s] = next_id++;
+        st.codes[s] = -1;
+        log_op(&st, OP_OPEN, s, st.ids[s], 0, 0);
+        for (Py_ssize_t i = 0; i < ns; i++) {
+            memcpy(G + i * d, x + small[i] * d, sizeof(float) * (size_t)d);
+            src[i] = slots[small[i]];
+            dst[i] = s;
+            w[i] = weight[small[i]];
+        }
+        move_core(G, src, dst, w, ns, d, st.sums, st.counts, st.spread, st.seen, st.search, st.sqn, st.n, cosine,
+                  mark, leave);
+        for (Py_ssize_t i = 0; i < ns; i++)
+            slots[small[i]] = s;
+    }
+
+    /* _reassign: one hard k-means step among the touched clusters */
+    Py_ssize_t t = distinct(slots, m, st.n, mark, touched);
+    if (t >= 2) {
+        Py_ssize_t nm = 0;
+        for (Py_ssize_t q = 0; q < t; q++)  /* the touched prototypes side by side, for dot4 */
+            memcpy(X + q * d, st.search + touched[q] * d, sizeof(float) * (size_t)d);
+        for (Py_ssize_t i = 0; i < m; i++) {
+            const float *xi = x + i * d;
+            float top = INFINITY, v4[4];
+            Py_ssize_t arg = 0;
+            for (Py_ssize_t q = 0; q < t; q++) {
+                if ((q & 3) == 0) {
+                    if (q + 4 <= t)
+                        dot4(xi, X + q * d, d, v4);
+                    else
+                        for (Py_ssize_t u = q; u < t; u++)
+                            v4[u - q] = dot(xi, X + u * d, d);
+                }
+                /* |x|^2 is the same for every prototype: the smallest |p|^2 - 2 x.p, first of equals */
+                float v = st.sqn[touched[q]] + -2.0f * v4[q & 3];
+                if (v < top || q == 0) {
+                    top = v;
+                    arg = q;
+                }
+            }
+            best[i] = touched[arg];
+            before[i] = slots[i];
+            if (best[i] != slots[i]) {
+                memcpy(G + nm * d, xi, sizeof(float) * (size_t)d);
+                src[nm] = slots[i];
+                dst[nm] = best[i];
+                w[nm++] = weight[i];
+                slots[i] = best[i];
+            }
+        }
+        if (nm)
+            move_core(G, src, dst, w, nm, d, st.sums, st.counts, st.spread, st.seen, st.search, st.sqn, st.n, cosine,
+                      mark, leave);
+        /* _move_members: an unlabelled cluster left without mass is dissolved; its id then
+         * resolves to the cluster that took most of its remembered rows (chosen before any
+         * removal, so by id), if that one is still there */
+        int64_t *empty = src, *heirs = dst;  /* free again after the move */
+        Py_ssize_t ne = 0;
+        for (Py_ssize_t q = t - 1; q >= 0; q--) {  /* descending: a swap never moves a slot still to go */
+            Py_ssize_t s = (Py_ssize_t)touched[q];
+            if (!(st.counts[s] * cscale <= 1e-6) || st.codes[s] >= 0)
+                continue;
+            int64_t heir = -1, top = 0;
+            for (Py_ssize_t i = 0; i < m; i++)
+                if (before[i] == s)
+                    votes[best[i]]++;
+            for (Py_ssize_t v = 0; v < st.n; v++) {
+                if (votes[v] > top) {  /* the first of equals, as bincount's argmax */
+                    top = votes[v];
+                    heir = v;
+                }
+                votes[v] = 0;
+            }
+            empty[ne] = s;
+            heirs[ne++] = heir >= 0 ? st.ids[heir] : -1;
+        }
+        for (Py_ssize_t e = 0; e < ne; e++) {
+            Py_ssize_t s = (Py_ssize_t)empty[e], last = st.n - 1;
+            int64_t gone = st.ids[s], heir = heirs[e];
+            remove_slot(&st, s);
+            for (Py_ssize_t i = 0; i < m; i++)
+                if (slots[i] == last)
+                    slots[i] = s;
+            int live = 0;
+            for (Py_ssize_t v = 0; v < st.n && heir >= 0 && !live; v++)
+                live = st.ids[v] == heir;
+            log_op(&st, OP_DISSOLVE, gone, live ? heir : -1, 0, 0);
+        }
+    }
+    for (Py_ssize_t i = 0; i < m; i++)  /* the merges below leave aliases that resolve these */
+        mem_ids[i] = st.ids[slots[i]];
+    n_touched = t = distinct(slots, m, st.n, mark, touched);
+
+    /* _merge_close: merge established clusters the memory touches, cheapest Ward cost first */
+    if (merge_threshold > 0) {
+        Py_ssize_t nc = 0;
+        for (Py_ssize_t q = 0; q < t; q++)
+            if (st.seen[touched[q]] >= min_size || st.codes[touched[q]] >= 0)
+                cand[nc++] = touched[q];
+        int64_t *codes = count;  /* each candidate's code, by position */
+        while (nc >= 2) {
+            for (Py_ssize_t q = 0; q < nc; q++)
+                codes[q] = st.codes[cand[q]];
+            Py_ssize_t i = -1, j = -1;
+            double cost = closest_core(st.search, st.sqn, st.counts, cand, codes, nc, d, merge_cap * tau, &i, &j);
+            if (i < 0 || !(cost * cscale < merge_cost * tau))
+                break;
+            Py_ssize_t last = st.n - 1, keep = merge_slots(&st, cand[i], cand[j]);
+            Py_ssize_t gone = keep == cand[i] ? cand[j] : cand[i];
+            Py_ssize_t nn = 0;
+            for (Py_ssize_t q = 0; q < nc; q++)
+                if (q != i && q != j)
+                    cand[nn++] = cand[q];
+            cand[nn++] = keep;
+            for (Py_ssize_t q = 0; q < nn; q++)  /* the last slot moved into the gone one's place */
+                if (cand[q] == last)
+                    cand[q] = gone;
+            nc = nn;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("nLnn", st.n, next_id, st.n_ops, n_touched);
+done:
+    PyMem_Free(arena);
     for (int q = 0; q < got; q++)
         PyBuffer_Release(&b[q]);
     return result;
@@ -1106,6 +1521,8 @@ static PyMethodDef methods[] = {
      "Move remembered samples between slots (see the module source)."},
     {"closest_pair", (PyCFunction)(void (*)(void))closest_pair, METH_FASTCALL,
      "The cheapest close pair of prototypes by Ward cost (see the module source)."},
+    {"repair", (PyCFunction)(void (*)(void))repair, METH_FASTCALL,
+     "The repair's split, reassignment and merges in one call, its changes to the clusters logged for Python (see the module source)."},
     {"ward_cut", (PyCFunction)(void (*)(void))ward_cut, METH_FASTCALL,
      "better_partition of runtime/recluster.py from a distance matrix: the best Ward cut by silhouette, if it beats the current partition (see the module source)."},
     {NULL, NULL, 0, NULL},
@@ -1119,4 +1536,11 @@ static struct PyModuleDef module = {
     .m_methods = methods,
 };
 
-PyMODINIT_FUNC PyInit__rowloop(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__rowloop(void)
+{
+#ifdef HAVE_AVX_PATH
+    __builtin_cpu_init();
+    use_avx2 = __builtin_cpu_supports("avx2") && getenv("PROTOEDGE_NO_AVX2") == NULL;
+#endif
+    return PyModule_Create(&module);
+}

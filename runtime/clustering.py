@@ -66,6 +66,7 @@ _CHUNK = 64  # samples per score matrix in partial_fit (measured best of 32-256;
 ROWLOOP_MAX_CLUSTERS = 1024
 # What _rowloop.fit_rows stopped for (EV_* in runtime/_rowloop.c).
 _ROWS_DONE, _ROW_OPENS, _ROW_MAY_MERGE = 0, 1, 2
+_OP_OPEN, _OP_REMOVE, _OP_DISSOLVE, _OP_MERGE = 1, 2, 3, 4  # _rowloop.repair's log
 MAX_SPREAD = 0.5  # default max_spread = this x threshold (see StreamClusterer)
 # _repair tests clusters with at least SPLIT_MIN remembered members for a split, and splits one
 # when the means of its two 2-means halves are more than SPLIT_DISTANCE thresholds apart. In
@@ -1108,13 +1109,19 @@ class StreamClusterer:
         steps = self._mem_step[ring]
         # each sample was learned with weight 1, decayed since; in stored units that is 1 / its scale
         weight = self.decay ** (self._step - 1 - steps.astype(np.float64)) / self._cscale
-        self._split(x, slots, weight, fresh=steps >= self._step - pending)
-        self._reassign(x, slots, weight)
-        self._mem_id[ring] = self._ids[slots]  # merges below leave aliases that resolve these
-        touched = _distinct(slots, self._n)
-        sparse = len(ring) == self.memory and len(ring) < SPARSE_MEMBERS * len(touched)
+        fresh = steps >= self._step - pending
+        if self.compiled:  # the four steps below in one call (runtime/_rowloop.c)
+            n_touched = self._repair_compiled(x, slots, weight, fresh, ring)
+        else:
+            self._split(x, slots, weight, fresh)
+            self._reassign(x, slots, weight)
+            self._mem_id[ring] = self._ids[slots]  # merges below leave aliases that resolve these
+            touched = _distinct(slots, self._n)
+            n_touched = len(touched)
+        sparse = len(ring) == self.memory and len(ring) < SPARSE_MEMBERS * n_touched
         self._period = self.refine_every * (SPARSE_PERIOD if sparse else 1)
-        self._merge_close(touched)
+        if not self.compiled:
+            self._merge_close(touched)
         if self.recluster:
             slots = self._slots_of(self._mem_id[ring])  # after the merges
             labels = self._labels
@@ -1123,6 +1130,60 @@ class StreamClusterer:
             self._recluster(x[free], part, weight[free])
             self._mem_id[ring[free]] = self._ids[part]  # the others' ids are unchanged
         self._stats["refinements"] += 1
+
+    def _repair_compiled(self, x: np.ndarray, slots: np.ndarray, weight: np.ndarray, fresh: np.ndarray,
+                         ring: np.ndarray) -> int:
+        """_split, _reassign, the memory's new ids and _merge_close, as _rowloop.repair does them on
+        the slot arrays; then _replay does their part in the names, ids and aliases. Returns the
+        number of slots the memory touched before the merges (what the sparse-memory period counts)."""
+        m = len(x)
+        room = min(self._n + m // 2, self.max_clusters)  # a split opens one cluster per two rows at most
+        while len(self._sums) < room:
+            self._grow()
+        labels = self._labels
+        codes = np.full(len(self._sums), -1, np.int64)
+        if labels.count(None) < len(labels):  # known classes: one code per name
+            names: dict = {}
+            codes[:self._n] = [-1 if v is None else names.setdefault(v, len(names)) for v in labels]
+        ops = np.empty((5 * m + 8, 5), np.int64)
+        mem_ids = np.empty(m, np.int64)
+        n, self._next_id, n_ops, touched = _rowloop.repair(
+            x, slots, weight, fresh, mem_ids, self._sums, self._search, self._sqn, self._counts, self._spread,
+            self._seen, self._created, self._last, self._ids, codes, ops, self._n, self.max_clusters,
+            max(self._step - 1, 0), self._next_id, self._cscale, self.threshold, SPLIT_DISTANCE, SPLIT_MIN,
+            self.merge_threshold, MERGE_CAP, MERGE_COST, self.min_size, self.distance == "cosine")
+        self._replay(ops[:n_ops].tolist())
+        assert self._n == n == len(labels)
+        self._mem_id[ring] = mem_ids
+        return touched
+
+    def _replay(self, ops: list) -> None:
+        """Apply _rowloop.repair's log (see there) to what lives in Python: names, the id -> slot
+        dict, aliases and counters, as _open, _remove_slot, _merge_slots and _move_members do."""
+        labels, slot_of, stats = self._labels, self._slot, self._stats
+        for kind, a, b, c, e in ops:
+            if kind == _OP_OPEN:  # slot a, id b
+                labels.append(None)
+                slot_of[b] = a
+                self._n += 1
+                stats["created"] += 1
+                stats["split"] += 1
+            elif kind == _OP_REMOVE:  # slot a, last slot b, their ids c and e
+                del slot_of[c]
+                if a != b:
+                    labels[a] = labels[b]
+                    slot_of[e] = a
+                labels.pop()
+                self._n -= 1
+            elif kind == _OP_DISSOLVE:  # id a, heir b
+                if b >= 0:
+                    self._aliases[a] = b
+                stats["dissolved"] += 1
+            else:  # _OP_MERGE: kept slot a, gone slot b, their ids c and e
+                if labels[a] is None:
+                    labels[a] = labels[b]
+                self._aliases[e] = c
+                stats["merged"] += 1
 
     def _recluster(self, x: np.ndarray, slots: np.ndarray, weight: np.ndarray) -> None:
         """Replace the memory's partition by a Ward cut with a better silhouette, if one has it
