@@ -1,14 +1,15 @@
 /* The stream clusterer's per-sample loop (runtime/clustering.py, StreamClusterer._fit_rows), the
- * arithmetic of its repair (split_scan, nearest, move, closest_pair, below), and the repair's
- * re-clustering (ward_cut: runtime/recluster.py's better_partition after its distance matrix).
+ * repair (repair: split, reassign, dissolve and merge, below; move: the re-clustering's moves), and
+ * the repair's re-clustering (ward_cut: runtime/recluster.py's better_partition after its distance
+ * matrix).
  *
  * Each sample must meet the prototypes exactly as the samples before it left them, so the loop is
  * sequential: score every prototype, take the nearest two, and either learn the sample into the
  * winner (running sum, decayed count, spread, the searched prototype) or stop and let Python open
  * a cluster. In numpy each of those steps is a call costing about a microsecond whatever its size
  * (~20 us per sample at 170 clusters); here the same arithmetic is a few microseconds, without
- * the GIL. Everything that changes the set of clusters (open, evict, merge, the repair) stays in
- * Python: the loop returns at the first row that needs one, and Python calls it again after.
+ * the GIL. What changes the set of clusters between repairs (open, evict, merge) stays in Python:
+ * the loop returns at the first row that needs one, and Python calls it again after.
  *
  * Dot products use 8 running sums in a fixed order (SSE2 or NEON vectors where available), so a
  * row's scores never depend on where the row sits in the batch (unlike a BLAS matrix product): a
@@ -436,9 +437,9 @@ static void two_means_core(const float *X, const int64_t *sizes, Py_ssize_t G, P
     }
 }
 
-/* The repair's bookkeeping (StreamClusterer._split, _reassign, _move and _closest_pair in clustering.py):
- * the same steps as their numpy code, each of which there is a dozen calls of a few microseconds
- * on arrays of a few hundred rows; here one call. Slots are checked against n, the live slots. */
+/* The repair's arithmetic (StreamClusterer._split, _reassign, _move and _closest_pair in
+ * clustering.py): the same steps as their numpy code, in which each is a dozen calls of a few
+ * microseconds on arrays of a few hundred rows. Slots are checked against n, the live slots. */
 
 static int slot_ok(const int64_t *s, Py_ssize_t m, Py_ssize_t n, const char *fn)
 {
@@ -450,59 +451,12 @@ static int slot_ok(const int64_t *s, Py_ssize_t m, Py_ssize_t n, const char *fn)
     return 1;
 }
 
-/* nearest(g, touched, sqn, best, n): best[i] = the slot of `touched` nearest row i, from g (float32
- * [m, t], the rows' dot products with those slots' prototypes, a BLAS product): the smallest
- * |p|^2 - 2 x.p, in float32 as numpy computes it (-2 g is exact), the first of equals as argmin. */
-static PyObject *nearest(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    (void)self;
-    if (!nargs_ok(nargs, 5, "nearest"))
-        return NULL;
-    Py_ssize_t n = PyLong_AsSsize_t(args[4]);
-    if (n == -1 && PyErr_Occurred())
-        return NULL;
-    Py_buffer b[4];  /* g, touched, sqn, best */
-    int got = 0;
-    PyObject *result = NULL;
-    TAKE(0, "g", 'f', 2, 0, -1, 0);
-    Py_ssize_t m = b[0].shape[0], t = b[0].shape[1];
-    TAKE(1, "touched", 'q', 1, t, -1, 0);
-    TAKE(2, "sqn", 'f', 1, n, -1, 0);
-    TAKE(3, "best", 'q', 1, m, -1, 1);
-    const int64_t *touched = b[1].buf;
-    if (t < 1 || b[1].shape[0] != t) {
-        PyErr_SetString(PyExc_ValueError, "nearest: one slot per column of g, at least one");
-        goto done;
-    }
-    if (!slot_ok(touched, t, n, "nearest"))
-        goto done;
-    const float *g = b[0].buf, *sqn = b[2].buf;
-    int64_t *best = b[3].buf;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < m; i++) {
-        const float *row = g + i * t;
-        float top = sqn[touched[0]] + -2.0f * row[0];
-        Py_ssize_t arg = 0;
-        for (Py_ssize_t q = 1; q < t; q++) {
-            float v = sqn[touched[q]] + -2.0f * row[q];
-            if (v < top) {
-                top = v;
-                arg = q;
-            }
-        }
-        best[i] = touched[arg];
-    }
-    Py_END_ALLOW_THREADS
-    result = Py_None;
-    Py_INCREF(result);
-done:
-    for (int q = 0; q < got; q++)
-        PyBuffer_Release(&b[q]);
-    return result;
-}
-
-/* split_scan()'s work (below) on plain arrays: returns k and sets *r_out; count (2 n int64, all
- * zero), start (n int64), X (m d floats) and work (5 d doubles) are scratch. */
+/* _split's candidates and their 2-means: a slot is tested when at least split_min rows of x belong
+ * to it, two of them fresh; its rows go to `rows` (slots in ascending order, each slot's rows in
+ * the order of x: a stable grouping), the slots to `tested`, their row counts to `sizes`, and the
+ * 2-means over those groups fills `mask` and `gap`. Returns the number of tested slots, their rows
+ * in *r_out; count (2 n int64, all zero), start (n int64), X (m d floats) and work (5 d doubles)
+ * are scratch. */
 static Py_ssize_t split_groups(const float *x, const int64_t *slots, const unsigned char *fresh, Py_ssize_t m,
                                Py_ssize_t d, Py_ssize_t n, Py_ssize_t split_min, long iters, int64_t *rows,
                                int64_t *sizes, int64_t *tested, unsigned char *mask, double *gap, int64_t *count,
@@ -535,76 +489,6 @@ static Py_ssize_t split_groups(const float *x, const int64_t *slots, const unsig
         two_means_core(X, sizes, k, d, iters, mask, gap, work);
     *r_out = r;
     return k;
-}
-
-/* split_scan(x, slots, fresh, n, split_min, iters, rows, sizes, tested, mask, gap) -> (k, r): the
- * candidates of StreamClusterer._split and their 2-means in one call. A slot is tested when at
- * least split_min rows of x belong to it, two of them fresh; its rows go to `rows` (slots in
- * ascending order, each slot's rows in the order of x: a stable grouping), the slots to `tested`,
- * their row counts to `sizes`, and the 2-means over those groups fills `mask` and `gap`. k = tested
- * slots, r = their rows; the outputs hold at least len(x) rows and n slots. */
-static PyObject *split_scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    (void)self;
-    if (!nargs_ok(nargs, 11, "split_scan"))
-        return NULL;
-    Py_ssize_t n = PyLong_AsSsize_t(args[3]), split_min = PyLong_AsSsize_t(args[4]);
-    long iters = PyLong_AsLong(args[5]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (n < 1 || split_min < 2) {
-        PyErr_SetString(PyExc_ValueError, "split_scan: needs n >= 1 and split_min >= 2");
-        return NULL;
-    }
-    enum { SX, SSLOTS, SFRESH, SROWS, SSIZES, STESTED, SMASK, SGAP, S_BUF };
-    static const int arg_of[S_BUF] = {0, 1, 2, 6, 7, 8, 9, 10};
-    Py_buffer b[S_BUF];
-    int got = 0;
-    PyObject *result = NULL;
-    int64_t *count = NULL, *start = NULL;
-    float *X = NULL;
-    double *work = NULL;
-    Py_ssize_t m = 0, d = 0;
-    for (; got < S_BUF; got++) {
-        static const char kinds[S_BUF] = {'f', 'q', '?', 'q', 'q', 'q', '?', 'd'};
-        static const char *names[S_BUF] = {"x", "slots", "fresh", "rows", "sizes", "tested", "mask", "gap"};
-        int per_slot = got == SSIZES || got == STESTED || got == SGAP;
-        Py_ssize_t len = got == SX ? 0 : (per_slot ? n : m);
-        if (get(args[arg_of[got]], &b[got], names[got], kinds[got], got == SX ? 2 : 1, len, -1,
-                got >= SROWS) < 0)
-            goto done;
-        if (got == SX) {
-            m = b[SX].shape[0];
-            d = b[SX].shape[1];
-        }
-    }
-    const int64_t *slots = b[SSLOTS].buf;
-    const unsigned char *fresh = b[SFRESH].buf;
-    if (!slot_ok(slots, m, n, "split_scan"))
-        goto done;
-    count = PyMem_Calloc((size_t)(2 * n), sizeof(int64_t));  /* rows per slot, then fresh rows */
-    start = PyMem_Malloc(sizeof(int64_t) * (size_t)n);
-    X = PyMem_Malloc(sizeof(float) * (size_t)(m * d + 1));
-    work = PyMem_Malloc(sizeof(double) * 5 * (size_t)(d > 0 ? d : 1));
-    if (count == NULL || start == NULL || X == NULL || work == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    int64_t *rows = b[SROWS].buf, *sizes = b[SSIZES].buf, *tested = b[STESTED].buf;
-    Py_ssize_t k = 0, r = 0;
-    Py_BEGIN_ALLOW_THREADS
-    k = split_groups(b[SX].buf, slots, fresh, m, d, n, split_min, iters, rows, sizes, tested, b[SMASK].buf,
-                     b[SGAP].buf, count, start, X, work, &r);
-    Py_END_ALLOW_THREADS
-    result = Py_BuildValue("nn", k, r);
-done:
-    PyMem_Free(count);
-    PyMem_Free(start);
-    PyMem_Free(X);
-    PyMem_Free(work);
-    for (int q = 0; q < got; q++)
-        PyBuffer_Release(&b[q]);
-    return result;
 }
 
 /* Make slot s's searched prototype match its sum (and count), as StreamClusterer._refresh_rows. */
@@ -741,8 +625,11 @@ done:
     return result;
 }
 
-/* closest_pair()'s search (below) on plain arrays: the pair's positions in *ba, *bb (-1 if none),
- * its cost returned. */
+/* _closest_pair: among the pairs a < b of positions in `slots` whose prototypes are closer than
+ * `cap` (squared distance), the one with the lowest Ward cost counts[a] counts[b] / (counts[a] +
+ * counts[b]) x distance, skipping pairs whose codes are both >= 0 and differ (known classes with
+ * different names): its positions in *ba_out, *bb_out (-1 if none), its cost returned. The first
+ * of equal costs in row-major order, as numpy's argmin over the pairs. */
 static double closest_core(const float *search, const float *sqn, const double *counts, const int64_t *slots,
                            const int64_t *codes, Py_ssize_t t, Py_ssize_t d, double cap, Py_ssize_t *ba_out,
                            Py_ssize_t *bb_out)
@@ -771,46 +658,6 @@ static double closest_core(const float *search, const float *sqn, const double *
     *ba_out = ba;
     *bb_out = bb;
     return top;
-}
-
-/* closest_pair(search, sqn, counts, slots, codes, cap, n) -> (a, b, cost): among the pairs a < b of
- * positions in `slots` whose prototypes are closer than `cap` (squared distance), the one with the
- * lowest Ward cost counts[a] counts[b] / (counts[a] + counts[b]) x distance, skipping pairs whose
- * codes are both >= 0 and differ (known classes with different names); (-1, -1, inf) if none. The
- * first of equal costs in row-major order, as numpy's argmin over the pairs. */
-static PyObject *closest_pair(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    (void)self;
-    if (!nargs_ok(nargs, 7, "closest_pair"))
-        return NULL;
-    double cap = PyFloat_AsDouble(args[5]);
-    Py_ssize_t n = PyLong_AsSsize_t(args[6]);
-    if (PyErr_Occurred())
-        return NULL;
-    Py_buffer b[5];  /* search, sqn, counts, slots, codes */
-    int got = 0;
-    PyObject *result = NULL;
-    TAKE(0, "search", 'f', 2, n, -1, 0);
-    TAKE(1, "sqn", 'f', 1, n, -1, 0);
-    TAKE(2, "counts", 'd', 1, n, -1, 0);
-    TAKE(3, "slots", 'q', 1, 0, -1, 0);
-    Py_ssize_t d = b[0].shape[1], t = b[3].shape[0];
-    TAKE(4, "codes", 'q', 1, t, -1, 0);
-    const int64_t *slots = b[3].buf, *codes = b[4].buf;
-    if (!slot_ok(slots, t, n, "closest_pair"))
-        goto done;
-    const float *search = b[0].buf, *sqn = b[1].buf;
-    const double *counts = b[2].buf;
-    Py_ssize_t ba = -1, bb = -1;
-    double top;
-    Py_BEGIN_ALLOW_THREADS
-    top = closest_core(search, sqn, counts, slots, codes, t, d, cap, &ba, &bb);
-    Py_END_ALLOW_THREADS
-    result = Py_BuildValue("nnd", ba, bb, ba < 0 ? INFINITY : top);
-done:
-    for (int q = 0; q < got; q++)
-        PyBuffer_Release(&b[q]);
-    return result;
 }
 
 /* ---- repair: StreamClusterer._repair's split, reassign and merge steps in one call -------------
@@ -1051,8 +898,10 @@ static PyObject *repair(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t t = distinct(slots, m, st.n, mark, touched);
     if (t >= 2) {
         Py_ssize_t nm = 0;
-        for (Py_ssize_t q = 0; q < t; q++)  /* the touched prototypes side by side, for dot4 */
+        for (Py_ssize_t q = 0; q < t; q++) {  /* the touched prototypes side by side, for dot4 */
             memcpy(X + q * d, st.search + touched[q] * d, sizeof(float) * (size_t)d);
+            gap[q] = st.sqn[touched[q]];  /* (the split is done with gap) */
+        }
         for (Py_ssize_t i = 0; i < m; i++) {
             const float *xi = x + i * d;
             float top = INFINITY, v4[4];
@@ -1092,8 +941,13 @@ static PyObject *repair(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_ssize_t ne = 0;
         for (Py_ssize_t q = t - 1; q >= 0; q--) {  /* descending: a swap never moves a slot still to go */
             Py_ssize_t s = (Py_ssize_t)touched[q];
-            if (!(st.counts[s] * cscale <= 1e-6) || st.codes[s] >= 0)
+            if (!(st.counts[s] * cscale <= 1e-6))
                 continue;
+            if (st.codes[s] >= 0) {  /* a known class keeps its prototype (its sum is rounding residue) */
+                memcpy(st.search + s * d, X + q * d, sizeof(float) * (size_t)d);
+                st.sqn[s] = (float)gap[q];
+                continue;
+            }
             int64_t heir = -1, top = 0;
             for (Py_ssize_t i = 0; i < m; i++)
                 if (before[i] == s)
@@ -1513,14 +1367,8 @@ done:
 static PyMethodDef methods[] = {
     {"fit_rows", (PyCFunction)(void (*)(void))fit_rows, METH_FASTCALL,
      "Assign and learn rows start..end-1 until one needs Python (see the module source)."},
-    {"split_scan", (PyCFunction)(void (*)(void))split_scan, METH_FASTCALL,
-     "The repair's split candidates and their 2-means in one call (see the module source)."},
-    {"nearest", (PyCFunction)(void (*)(void))nearest, METH_FASTCALL,
-     "The nearest of some slots for each row, from a product of rows and prototypes (see the module source)."},
     {"move", (PyCFunction)(void (*)(void))move, METH_FASTCALL,
      "Move remembered samples between slots (see the module source)."},
-    {"closest_pair", (PyCFunction)(void (*)(void))closest_pair, METH_FASTCALL,
-     "The cheapest close pair of prototypes by Ward cost (see the module source)."},
     {"repair", (PyCFunction)(void (*)(void))repair, METH_FASTCALL,
      "The repair's split, reassignment and merges in one call, its changes to the clusters logged for Python (see the module source)."},
     {"ward_cut", (PyCFunction)(void (*)(void))ward_cut, METH_FASTCALL,

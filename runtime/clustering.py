@@ -539,7 +539,9 @@ class StreamClusterer:
             slots = self._slots_of(ids.astype(np.int64))
             live = slots >= 0
             x, slots, weight = x[live], slots[live], w[live] / self._cscale  # in stored units
-            if len(x) >= 2:
+            if len(x) >= 2 and self.compiled:
+                self._repair_compiled(x, slots, weight, np.ones(len(x), bool))
+            elif len(x) >= 2:
                 self._split(x, slots, weight, fresh=np.ones(len(x), bool))
                 self._reassign(x, slots, weight)
                 self._merge_close(_distinct(slots, self._n))
@@ -1132,10 +1134,11 @@ class StreamClusterer:
         self._stats["refinements"] += 1
 
     def _repair_compiled(self, x: np.ndarray, slots: np.ndarray, weight: np.ndarray, fresh: np.ndarray,
-                         ring: np.ndarray) -> int:
-        """_split, _reassign, the memory's new ids and _merge_close, as _rowloop.repair does them on
-        the slot arrays; then _replay does their part in the names, ids and aliases. Returns the
-        number of slots the memory touched before the merges (what the sparse-memory period counts)."""
+                         ring: np.ndarray | None = None) -> int:
+        """_split, _reassign and _merge_close, as _rowloop.repair does them on the slot arrays (and
+        the new ids of the memory's ``ring`` positions, if given); then _replay does their part in
+        the names, ids and aliases. Returns the number of slots the rows touched before the merges
+        (what the sparse-memory period counts)."""
         m = len(x)
         room = min(self._n + m // 2, self.max_clusters)  # a split opens one cluster per two rows at most
         while len(self._sums) < room:
@@ -1154,7 +1157,8 @@ class StreamClusterer:
             self.merge_threshold, MERGE_CAP, MERGE_COST, self.min_size, self.distance == "cosine")
         self._replay(ops[:n_ops].tolist())
         assert self._n == n == len(labels)
-        self._mem_id[ring] = mem_ids
+        if ring is not None:
+            self._mem_id[ring] = mem_ids
         return touched
 
     def _replay(self, ops: list) -> None:
@@ -1244,26 +1248,17 @@ class StreamClusterer:
         ``fresh`` (arrived since the last repair), are tested: the others were tested before with
         (nearly) the same members. Updates ``slots`` for the members that moved."""
         n = self._n
-        if self.compiled:  # the lines below and the 2-means, in one call
-            m = len(x)
-            rows, sizes, tested = np.empty(m, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
-            far, gap = np.empty(m, bool), np.empty(n)
-            k, r = _rowloop.split_scan(x, slots, fresh, n, SPLIT_MIN, 8, rows, sizes, tested, far, gap)
-            if not k:
-                return
-            rows, sizes, far, gap = rows[:r], sizes[:k], far[:r], gap[:k]
-        else:
-            counts = np.bincount(slots, minlength=n)
-            big = (counts >= SPLIT_MIN) & (np.bincount(slots[fresh], minlength=n) >= 2)
-            tested = np.flatnonzero(big)
-            if not len(tested):
-                return
-            # the members of the tested clusters, cluster after cluster (ascending slots), each
-            # cluster's in memory order: one selection from a stable sort, not a list of pieces
-            order = np.argsort(slots, kind="stable")
-            rows = order[big[slots[order]]]
-            sizes = counts[tested]
-            far, gap = _two_means(x[rows], sizes)
+        counts = np.bincount(slots, minlength=n)
+        big = (counts >= SPLIT_MIN) & (np.bincount(slots[fresh], minlength=n) >= 2)
+        tested = np.flatnonzero(big)
+        if not len(tested):
+            return
+        # the members of the tested clusters, cluster after cluster (ascending slots), each
+        # cluster's in memory order: one selection from a stable sort, not a list of pieces
+        order = np.argsort(slots, kind="stable")
+        rows = order[big[slots[order]]]
+        sizes = counts[tested]
+        far, gap = _two_means(x[rows], sizes)
         ends = np.cumsum(sizes).tolist()
         for g in np.flatnonzero(gap > SPLIT_DISTANCE * self.threshold).tolist():
             members, f = rows[ends[g] - sizes[g]:ends[g]], far[ends[g] - sizes[g]:ends[g]]
@@ -1288,26 +1283,27 @@ class StreamClusterer:
             return
         # |x|^2 is the same for every prototype, so the nearest one minimises |p|^2 - 2 x.p
         d = x @ self._search[touched].T
-        if self.compiled:  # the argmin below, in one call
-            best = np.empty(len(x), np.int64)
-            _rowloop.nearest(d, touched, self._sqn, best, self._n)
-        else:
-            d *= -2.0
-            d += self._sqn[touched]
-            best = touched[d.argmin(1)]
+        d *= -2.0
+        d += self._sqn[touched]
+        best = touched[d.argmin(1)]
         self._move_members(x, slots, best, weight, touched)
 
     def _move_members(self, x: np.ndarray, slots: np.ndarray, best: np.ndarray, weight: np.ndarray,
                       touched: np.ndarray) -> None:
         """Move each remembered sample from ``slots`` to ``best`` (updating ``slots``). A cluster
-        of ``touched`` all of whose mass moved away is dissolved (unlabelled); its id then
-        resolves to the cluster that took most of its remembered samples."""
+        of ``touched`` all of whose mass moved away is dissolved (unlabelled; its id then resolves
+        to the cluster that took most of its remembered samples) or keeps its prototype (known)."""
         slots_before = slots.copy()
         moved = np.flatnonzero(best != slots)
+        kept = self._search[touched], self._sqn[touched]  # copies (fancy indexing)
         if len(moved):
             self._move(x[moved], slots[moved], best[moved], weight[moved])
             slots[moved] = best[moved]
-        drained = touched[self._counts[touched] * self._cscale <= 1e-6].tolist()
+        drained = self._counts[touched] * self._cscale <= 1e-6
+        # a known class left without mass keeps its prototype (its sum is rounding residue now)
+        known = [q for q in np.flatnonzero(drained).tolist() if self._labels[touched[q]] is not None]
+        self._search[touched[known]], self._sqn[touched[known]] = kept[0][known], kept[1][known]
+        drained = touched[drained].tolist()
         empty = [t for t in drained if self._labels[t] is None]
         heirs = {}
         for t in empty:
@@ -1338,9 +1334,8 @@ class StreamClusterer:
             established[i] = labels[touched[i]] is not None
         slots = touched[established]
         ids = self._ids[slots].tolist()
-        closest = self._closest_pair if self.compiled else self._closest_pair_numpy
         while len(ids) >= 2:
-            pair = closest(slots)
+            pair = self._closest_pair(slots)
             if pair is None:
                 return
             i, j = pair
@@ -1349,21 +1344,6 @@ class StreamClusterer:
             slots = np.array([self._slot[i] for i in ids])
 
     def _closest_pair(self, slots: np.ndarray) -> tuple[int, int] | None:
-        """_closest_pair_numpy in runtime/_rowloop.c: the same pairs and costs, one call."""
-        labels = self._labels
-        codes = np.full(len(slots), -1, np.int64)
-        if len(labels) - labels.count(None) > 1:  # known classes with different names never merge
-            names: dict = {}
-            for q, s in enumerate(slots.tolist()):
-                if labels[s] is not None:
-                    codes[q] = names.setdefault(labels[s], len(names))
-        a, b, cost = _rowloop.closest_pair(self._search, self._sqn, self._counts, slots, codes,
-                                           MERGE_CAP * self.threshold, self._n)
-        if a < 0 or not cost * self._cscale < MERGE_COST * self.threshold:
-            return None
-        return a, b
-
-    def _closest_pair_numpy(self, slots: np.ndarray) -> tuple[int, int] | None:
         """The positions in ``slots`` of the pair with the lowest Ward merge cost among prototypes
         closer than MERGE_CAP thresholds, if that cost is below MERGE_COST thresholds; else None."""
         tau = self.threshold
@@ -1429,7 +1409,8 @@ class StreamClusterer:
             self._search[idx] = sums / np.maximum(np.sqrt(np.add.reduce(sums * sums, axis=1)), 1e-30)[:, None]
             self._sqn[idx] = 1.0
         else:
-            means = sums / self._counts[idx][:, None]
+            with np.errstate(divide="ignore", invalid="ignore"):  # a drained slot: _move_members decides
+                means = sums / self._counts[idx][:, None]
             self._search[idx] = means
             self._sqn[idx] = (means * means).sum(1)
 

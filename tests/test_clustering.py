@@ -1,6 +1,7 @@
 """StreamClusterer rules on small synthetic embeddings whose right answers are known, each test
 run with the compiled per-sample loop (runtime/_rowloop.c) and with the numpy one."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -804,50 +805,114 @@ def test_compiled_loop_refuses_arrays_of_the_wrong_kind(loop):
         fit_rows(1, 2)
 
 
-def test_compiled_split_scan_matches_numpy_and_checks_its_arguments(loop):
-    """The repair's split candidates and their 2-means in C (split_scan): the same tested slots and
-    rows, in the same order, the same halves and gaps as the numpy steps of _split."""
-    if loop == "numpy" or clustering._rowloop is None:
-        pytest.skip("the compiled loop only")
-    rng = np.random.default_rng(3)
-    n, m = 90, 1500
-    slots = rng.integers(0, n, m)
-    fresh = rng.random(m) < 0.3
-    # per slot two blobs at varied distances (some slots are one blob)
-    centres = rng.normal(size=(n, 2, D)) * rng.choice([0.0, 0.3, 2.0], size=(n, 1, 1))
-    X = (centres[slots, rng.integers(0, 2, m)] + 0.2 * rng.normal(size=(m, D))).astype(np.float32)
-    rows, sizes, tested = np.empty(m, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
-    mask, gap = np.empty(m, bool), np.empty(n)
-    k, r = clustering._rowloop.split_scan(X, slots, fresh, n, clustering.SPLIT_MIN, 8, rows, sizes, tested, mask, gap)
-    # the numpy steps
-    counts = np.bincount(slots, minlength=n)
-    big = (counts >= clustering.SPLIT_MIN) & (np.bincount(slots[fresh], minlength=n) >= 2)
-    want_tested = np.flatnonzero(big)
-    order = np.argsort(slots, kind="stable")
-    want_rows = order[big[slots[order]]]
-    want_mask, want_gap = clustering._two_means(X[want_rows], counts[want_tested])
-    assert 10 < k < n and (k, r) == (len(want_tested), len(want_rows))
-    assert np.array_equal(tested[:k], want_tested) and np.array_equal(sizes[:k], counts[want_tested])
-    assert np.array_equal(rows[:r], want_rows) and np.array_equal(mask[:r], want_mask)
-    np.testing.assert_allclose(gap[:k], want_gap, rtol=1e-4, atol=1e-6)
-    assert (gap[:k] > 1.0).sum() >= 5 and (gap[:k] < 0.5).sum() >= 5  # both kinds of slot were there
-    scan = clustering._rowloop.split_scan
-    with pytest.raises(ValueError, match="live slot"):
-        scan(X, np.where(slots == 0, n, slots), fresh, n, 6, 8, rows, sizes, tested, mask, gap)
-    with pytest.raises(ValueError):  # an output too short for the rows
-        scan(X, slots, fresh, n, 6, 8, rows[:-1], sizes, tested, mask, gap)
-    with pytest.raises(ValueError):
-        scan(X.astype(np.float64), slots, fresh, n, 6, 8, rows, sizes, tested, mask, gap)
-    with pytest.raises(ValueError, match="split_min"):
-        scan(X, slots, fresh, n, 1, 8, rows, sizes, tested, mask, gap)
+def _repair_stream(distance, seed, noise, threshold, classes):
+    """A stream with known classes among its clusters, and a state in which the repair splits and
+    merges (40 drawings a class, 60 clusters at most, repairs every 20 samples over 96)."""
+    x, _, _ = blobs(n_classes=classes, per_class=40, noise=noise, seed=seed)
+    c = StreamClusterer(D, threshold=threshold, distance=distance, refine_every=20, memory=96, max_clusters=60)
+    c.learn_examples(x[:6], ["a", "b", "a", "c", "b", "d"])
+    out = [a for s in range(6, len(x), 50) for a in c.partial_fit(x[s:s + 50])]
+    return c, out
+
+
+def _same_clusterer(fast, slow):
+    assert fast.stats == slow.stats
+    assert fast._labels == slow._labels and fast._slot == slow._slot and fast._aliases == slow._aliases
+    n = fast._n
+    assert np.array_equal(fast._ids[:n], slow._ids[:n]) and np.array_equal(fast._seen[:n], slow._seen[:n])
+    assert np.array_equal(fast._created[:n], slow._created[:n]) and np.array_equal(fast._last[:n], slow._last[:n])
+    assert all(np.array_equal(a, b) for a, b in zip(fast._memory(), slow._memory()))
+    for name in ("_sums", "_counts", "_spread", "_search", "_sqn"):
+        np.testing.assert_allclose(getattr(fast, name)[:n], getattr(slow, name)[:n], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("distance", ["cosine", "sqeuclidean"])
-def test_compiled_repair_steps_match_numpy_and_check_slots(loop, distance, monkeypatch):
-    """The repair's nearest-slot choice, its move of remembered samples and its search for the
-    cheapest close pair, in C, give numpy's choice exactly, the numpy code's state to float
-    precision and the same pair (labels included); a slot outside the live ones is refused before
-    anything is written."""
+def test_compiled_repair_matches_the_numpy_repair(loop, distance, monkeypatch):
+    """The repair in C (_rowloop.repair, its log replayed in Python) and the numpy repair make the
+    same splits, moves, dissolves and merges: the same assignments, counters, ids, names, aliases
+    and memory, and the same state to float precision; known classes keep their names."""
+    if loop == "numpy" or clustering._rowloop is None:
+        pytest.skip("runs once, with both loops")
+    for seed, noise, threshold, classes in ((2, 0.2, 1.0, 20), (3, 0.3, 1.2, 12)):
+        runs = []
+        for compiled in (True, False):
+            monkeypatch.setattr(StreamClusterer, "compiled", compiled)
+            runs.append(_repair_stream(distance, seed, noise, threshold, classes))
+        (fast, fast_out), (slow, slow_out) = runs
+        assert [a.cluster_id for a in fast_out] == [a.cluster_id for a in slow_out]
+        assert [a.label for a in fast_out] == [a.label for a in slow_out]
+        _same_clusterer(fast, slow)
+        assert fast.stats["split"] > 5 and fast.stats["merged"] > 3
+        assert {"a", "b", "c", "d"} <= set(fast._labels)
+    # Dissolves: point two clusters' prototypes away from their remembered members, so that all of
+    # them, and so all of the clusters' mass (no decay, every sample remembered), move to the
+    # neighbours; the unlabelled one is dissolved, the known class keeps its slot and name.
+    states = []
+    for compiled in (True, False):
+        monkeypatch.setattr(StreamClusterer, "compiled", compiled)
+        x, _, _ = blobs(n_classes=6, per_class=12, noise=0.1, seed=5)
+        c = StreamClusterer(D, threshold=0.8, distance=distance, decay=1.0, refine_every=10**6, memory=128,
+                            merge_threshold=0)
+        c.partial_fit(x)
+        ids, _ = c.prototypes()
+        c.label(int(ids[2]), "known")
+        for s in (1, 2):  # (slot 0 holds two classes: the repair splits it too)
+            c._search[s] = -c._search[s]
+            c._sqn[s] = float(c._search[s] @ c._search[s])
+        flipped = c._search[2].copy()
+        c._repair()
+        states.append(c)
+        known = c._slot[int(ids[2])]
+        assert c._counts[known] * c._cscale < 1e-6 and np.array_equal(c._search[known], flipped)
+    fast, slow = states
+    _same_clusterer(fast, slow)
+    assert fast.stats["dissolved"] == 1 and fast.stats["split"] == 1 and "known" in fast._labels
+    assert int(ids[1]) not in fast._slot and fast.resolve(int(ids[1])) in fast._slot  # resolves to its heir
+
+
+def test_compiled_repair_refuses_bad_arguments_before_changing_anything(loop):
+    """_rowloop.repair checks every array (dtype, shape, room for the clusters a split may open,
+    the log's length) and every slot before it writes anything."""
+    if loop == "numpy" or clustering._rowloop is None:
+        pytest.skip("the compiled loop only")
+    c, _ = _repair_stream("cosine", 2, 0.2, 1.0, 20)
+    n = c._n
+    x, mem_ids, _ = c._memory()
+    m = len(x)
+    slots = c._slots_of(mem_ids)
+
+    def call(**change):
+        args = dict(x=x, slots=slots.copy(), weight=np.ones(m), fresh=np.ones(m, bool), mem_ids=np.empty(m, np.int64),
+                    sums=c._sums, search=c._search, sqn=c._sqn, counts=c._counts, spread=c._spread, seen=c._seen,
+                    created=c._created, last=c._last, ids=c._ids, codes=np.full(len(c._sums), -1, np.int64),
+                    ops=np.empty((5 * m + 8, 5), np.int64), n=n, max_clusters=n)
+        args.update(change)
+        return clustering._rowloop.repair(*args.values(), 1, 10, 1.0, 1.0, clustering.SPLIT_DISTANCE,
+                                          clustering.SPLIT_MIN, 0.25, clustering.MERGE_CAP, clustering.MERGE_COST,
+                                          2, True)
+
+    before = snapshot(c)
+    bad_slots = slots.copy()
+    bad_slots[3] = n
+    with pytest.raises(ValueError, match="live slot"):
+        call(slots=bad_slots)
+    with pytest.raises(ValueError, match="wrong dtype"):
+        call(x=x.astype(np.float64))
+    with pytest.raises(ValueError, match="ops"):  # too short a log
+        call(ops=np.empty((5 * m, 5), np.int64))
+    with pytest.raises(ValueError, match="sums"):  # no room for the clusters a split may open
+        call(max_clusters=len(c._sums) + 10)
+    with pytest.raises(ValueError, match="max_clusters"):
+        call(max_clusters=n - 1)
+    with pytest.raises(TypeError):
+        clustering._rowloop.repair(x, slots)
+    assert same_state(snapshot(c), before)
+
+
+@pytest.mark.parametrize("distance", ["cosine", "sqeuclidean"])
+def test_compiled_move_matches_numpy_and_checks_slots(loop, distance, monkeypatch):
+    """The re-clustering's move of remembered samples, in C, gives the numpy code's state to float
+    precision; a slot outside the live ones is refused before anything is written."""
     if loop == "numpy" or clustering._rowloop is None:
         pytest.skip("the compiled loop only")
     x, _, _ = blobs(n_classes=6, per_class=30, noise=0.2, seed=11)
@@ -874,33 +939,35 @@ def test_compiled_repair_steps_match_numpy_and_check_slots(loop, distance, monke
         np.testing.assert_allclose(getattr(fast, name)[:n], getattr(slow, name)[:n], rtol=1e-4, atol=1e-5)
     assert np.array_equal(fast._seen[:n], slow._seen[:n]) and not np.array_equal(fast._seen[:n], base._seen[:n])
     assert (fast._spread[:n] >= 0).all() and (fast._seen[:n] >= 0).all()
-    # the cheapest close pair: unlabelled, then with two different labels on that pair
-    slots = np.arange(n, dtype=np.int64)
-    fast.threshold = 10.0  # every pair is close and cheap enough to be a candidate
-    want = fast._closest_pair_numpy(slots)
-    assert want is not None and fast._closest_pair(slots) == want
-    fast._labels[int(slots[want[0]])], fast._labels[int(slots[want[1]])] = "a", "b"
-    again = fast._closest_pair_numpy(slots)
-    assert again is not None and again != want and fast._closest_pair(slots) == again
-    # the reassignment's nearest slot from the BLAS product: numpy's argmin exactly
-    rows_x = base._prepare(x)
-    touched = np.array([0, 2, 3, n - 1], np.int64)
-    g = rows_x @ base._search[touched].T
-    best = np.empty(len(x), np.int64)
-    clustering._rowloop.nearest(g, touched, base._sqn, best, n)
-    assert np.array_equal(best, touched[(base._sqn[touched] - 2.0 * g).argmin(1)])
-    assert len(set(best.tolist())) > 1
-    with pytest.raises(ValueError, match="live slot"):
-        clustering._rowloop.nearest(g, np.array([0, 2, 3, n], np.int64), base._sqn, best, n)
     before = fast._sums.copy()
     with pytest.raises(ValueError, match="live slot"):
         clustering._rowloop.move(fast._prepare(x[:2]), np.array([0, n], np.int64), np.array([1, 1], np.int64),
                                  np.ones(2), fast._sums, fast._counts, fast._spread, fast._seen, fast._search,
                                  fast._sqn, n, distance == "cosine")
     assert np.array_equal(fast._sums, before)
-    with pytest.raises(ValueError, match="live slot"):
-        clustering._rowloop.closest_pair(fast._search, fast._sqn, fast._counts, np.array([0, -1], np.int64),
-                                         np.full(2, -1, np.int64), 1.0, n)
-    with pytest.raises(ValueError, match="wrong dtype"):
-        clustering._rowloop.closest_pair(fast._search, fast._sqn, fast._counts, np.array([0, 1], np.int32),
-                                         np.full(2, -1, np.int64), 1.0, n)
+
+
+def test_avx2_scores_are_bit_for_bit_the_sse2_ones(loop, tmp_path):
+    """The compiled loop's 8-wide AVX2 dot products (chosen at import where the CPU has AVX2) sum in
+    the same lanes and order as its SSE2 ones: a stream gives the very same distances, bit for
+    bit, with the AVX2 path turned off (PROTOEDGE_NO_AVX2)."""
+    import subprocess
+    import sys
+
+    if loop == "numpy" or clustering._rowloop is None:
+        pytest.skip("the compiled loop only")
+    if "avx2" not in open("/proc/cpuinfo").read():
+        pytest.skip("this CPU has no AVX2")
+    x, _, _ = blobs(n_classes=30, per_class=20, noise=0.2, seed=4)
+    np.save(tmp_path / "x.npy", np.concatenate([x, x[:, ::-1]], axis=1))  # 32 wide: the vector loop and more
+    code = ("import sys, numpy as np\n"
+            "from protoedge.runtime.clustering import StreamClusterer\n"
+            "x = np.load(sys.argv[1])\n"
+            "c = StreamClusterer(x.shape[1], threshold=0.7, refine_every=25)\n"
+            "print([(a.cluster_id, a.distance.hex()) for a in c.partial_fit(x)])\n")
+    runs = []
+    for env in ({}, {"PROTOEDGE_NO_AVX2": "1"}):
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.npy")], capture_output=True, text=True,
+                             env={**os.environ, **env}, check=True)
+        runs.append(out.stdout)
+    assert runs[0] == runs[1] and runs[0].count("0x") > 500
