@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -398,9 +398,9 @@ class StreamClusterer:
             rows = _CHUNK if self.decay == 1.0 else max(1, min(_CHUNK, int(-10 / math.log10(self.decay))))
             for start in range(0, len(x), rows):
                 if self.compiled and self._n <= ROWLOOP_MAX_CLUSTERS:
-                    # the compiled loop uses no BLAS; its repairs limit the threads themselves, so a
-                    # one-image call pays for the limit once in 50 calls, not every time (warm, on a
-                    # 2-core AVX2 EPYC with OpenBLAS: 46 us a call against 115; repair off 30 against 91)
+                    # the compiled loop and repair use no BLAS (a re-clustering repair limits the
+                    # threads itself): setting and restoring the limit cost a warm one-image call
+                    # ~60 us (2-core AVX2 EPYC, OpenBLAS: 46 us a call against 115)
                     out += self._fit_rows(x[start:start + rows])
                 else:
                     with one_blas_thread():
@@ -724,7 +724,8 @@ class StreamClusterer:
             while True:
                 if refine_every and self._pending + i - self._kept >= refine_every:
                     self._remember_rows(out)
-                    with one_blas_thread():
+                    # the compiled repair uses no BLAS; the re-clustering's distances do
+                    with one_blas_thread() if self.recluster else nullcontext():
                         self._repair()
                     refine_every = self._period
                 if i == n_rows:

@@ -640,9 +640,10 @@ def test_blas_runs_on_one_thread_inside_the_clusterer_and_is_restored_after(monk
     def blas_threads():
         return [i["num_threads"] for i in threadpool_info() if i["filepath"] in ours]
 
-    # where the clusterer multiplies matrices: the repair (both loops) and the numpy loop's batch
+    # where the clusterer multiplies matrices: the numpy loop's batch and its repair, and the
+    # re-clustering's distances (the compiled loop and repair use no BLAS)
     seen = []
-    names = ["_repair"] + ([] if StreamClusterer.compiled else ["_fit_batch"])
+    names = ["_recluster"] + ([] if StreamClusterer.compiled else ["_fit_batch", "_repair"])
     for name in names:
         def spy(self, *a, _real=getattr(StreamClusterer, name)):
             seen.append(blas_threads())
@@ -652,7 +653,7 @@ def test_blas_runs_on_one_thread_inside_the_clusterer_and_is_restored_after(monk
     x, _, _ = blobs(n_classes=3, per_class=30)
     with threadpool_limits(limits=2, user_api="blas"):
         before = blas_threads()
-        c = StreamClusterer(D, threshold=0.5, refine_every=20)
+        c = StreamClusterer(D, threshold=0.5, refine_every=20, recluster=True)
         c.partial_fit(x)
         assert blas_threads() == before
     assert c.stats["refinements"] > 0 and len(seen) >= len(names)
