@@ -18,16 +18,19 @@
  * clustering.py hands larger states to its numpy loop, whose matrix product reads the prototypes
  * once per batch.
  *
- * fit_rows(x, xs, inv, xx, search, sums, counts, spread, seen, last, sqn, out_j, out_d, out_c,
- *          n, start, end, step0, threshold, merge, root_merge, temperature)
+ * fit_rows(x, inv, xx, search, sums, counts, spread, seen, last, sqn, ids, out_j, out_d, out_c,
+ *          n, start, end, step0, threshold, merge, root_merge, temperature, labels, cls, out)
  *   x      float32 [rows, d]  samples in the searched space (unit length for cosine)
- *   xs     float32 [rows, d]  samples pre-scaled for adding to a stored sum
- *   inv    float64 [rows]     the stored weight of each sample
+ *   inv    float64 [rows]     the stored weight of each sample (a learned sample adds
+ *                             (float)(x * inv) to its winner's sum, as numpy's float32 x float64)
  *   xx     None (cosine) or float64 [rows]: |x|^2 for squared Euclidean distance
  *   search float32 [cap, d], sums float32 [cap, d], counts float64 [cap], spread float64 [cap],
  *   seen int64 [cap], last int64 [cap], sqn float32 [cap]: the clusterer's slot arrays
+ *   ids int64 [cap], labels list (n items): each slot's cluster id and name
  *   out_j int64 [rows], out_d float64 [rows], out_c float64 [rows]: winner, distance, confidence
  *   n live slots; rows start..end-1; step0 = the step of row 0.
+ *   cls, out: each learned row's result, cls(cluster id, distance, confidence, False, name) (a
+ *   tuple subclass: clustering.Assignment), is appended to the list out, in row order.
  * Returns (row, event, k, dk): event 0: rows start..end-1 were learned (row == end); 1: row needs a
  * new cluster (nothing learned for it; out_d[row] = its distance, k/dk the runner-up); 2: row was
  * learned and its winner out_j[row] and runner-up k are close enough for the merge rules.
@@ -207,32 +210,38 @@ static int get(PyObject *obj, Py_buffer *view, const char *name, char kind, int 
     return 0;
 }
 
-enum { X, XS, INV, XX, SEARCH, SUMS, COUNTS, SPREAD, SEEN, LAST, SQN, OUT_J, OUT_D, OUT_C, N_BUF };
+enum { X, INV, XX, SEARCH, SUMS, COUNTS, SPREAD, SEEN, LAST, SQN, IDS, OUT_J, OUT_D, OUT_C, N_BUF };
 
 static PyObject *fit_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (!nargs_ok(nargs, 22, "fit_rows"))
+    if (!nargs_ok(nargs, 25, "fit_rows"))
         return NULL;
     Py_ssize_t n = PyLong_AsSsize_t(args[14]), start = PyLong_AsSsize_t(args[15]);
     Py_ssize_t end = PyLong_AsSsize_t(args[16]);
     long long step0 = PyLong_AsLongLong(args[17]);
     double tau = PyFloat_AsDouble(args[18]), merge = PyFloat_AsDouble(args[19]);
     double root_merge = PyFloat_AsDouble(args[20]), temp = PyFloat_AsDouble(args[21]);
+    PyObject *labels = args[22], *cls = args[23], *results = args[24];
     if (PyErr_Occurred())
         return NULL;
     if (n < 0 || start < 0 || end < start) {
         PyErr_SetString(PyExc_ValueError, "fit_rows: bad row range or slot count");
         return NULL;
     }
+    if (!PyList_Check(labels) || PyList_GET_SIZE(labels) < n || !PyList_Check(results) || !PyType_Check(cls) ||
+        !PyType_IsSubtype((PyTypeObject *)cls, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "fit_rows: labels and out must be lists (labels with n names), cls a tuple type");
+        return NULL;
+    }
     int cosine = args[XX] == Py_None;
     Py_buffer b[N_BUF];
     int got = 0;
     /* the sample arrays first, to learn d; then the slot arrays, at least n slots long */
-    static const char kinds[N_BUF] = {'f', 'f', 'd', 'd', 'f', 'f', 'd', 'd', 'q', 'q', 'f', 'q', 'd', 'd'};
-    static const char *names[N_BUF] = {"x", "xs", "inv", "xx", "search", "sums", "counts", "spread", "seen",
-                                       "last", "sqn", "out_j", "out_d", "out_c"};
-    static const char twod[N_BUF] = {1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0};
+    static const char kinds[N_BUF] = {'f', 'd', 'd', 'f', 'f', 'd', 'd', 'q', 'q', 'f', 'q', 'q', 'd', 'd'};
+    static const char *names[N_BUF] = {"x", "inv", "xx", "search", "sums", "counts", "spread", "seen", "last",
+                                       "sqn", "ids", "out_j", "out_d", "out_c"};
+    static const char twod[N_BUF] = {1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0};
     Py_ssize_t d = -1;  /* x's width, which every other 2-D array must share */
     for (; got < N_BUF; got++) {
         if (got == XX && cosine) {
@@ -241,13 +250,14 @@ static PyObject *fit_rows(PyObject *self, PyObject *const *args, Py_ssize_t narg
         }
         /* per-sample arrays hold at least `end` rows, per-slot arrays at least n */
         Py_ssize_t len = (got <= XX || got >= OUT_J) ? end : n;
-        if (get(args[got], &b[got], names[got], kinds[got], twod[got] ? 2 : 1, len, d, got >= SEARCH) < 0)
+        if (get(args[got], &b[got], names[got], kinds[got], twod[got] ? 2 : 1, len, d,
+                got >= SEARCH && got != IDS) < 0)
             goto fail;
         if (got == X)
             d = b[X].shape[1];
     }
 
-    const float *x = b[X].buf, *xs = b[XS].buf;
+    const float *x = b[X].buf;
     const double *inv = b[INV].buf, *xx = cosine ? NULL : b[XX].buf;
     float *search = b[SEARCH].buf, *sums = b[SUMS].buf, *sqn = b[SQN].buf;
     double *counts = b[COUNTS].buf, *spread = b[SPREAD].buf, *out_d = b[OUT_D].buf, *out_c = b[OUT_C].buf;
@@ -308,9 +318,8 @@ static PyObject *fit_rows(PyObject *self, PyObject *const *args, Py_ssize_t narg
         }
         /* learn: the pre-scaled sample joins the winner's sum; the searched prototype follows */
         float *m = sums + j * d, *p = search + j * d;
-        const float *xsi = xs + i * d;
         for (Py_ssize_t c = 0; c < d; c++)
-            m[c] += xsi[c];
+            m[c] += (float)((double)xi[c] * inv[i]);
         counts[j] += inv[i];
         spread[j] += inv[i] * dj;
         seen[j] += 1;
@@ -340,9 +349,34 @@ static PyObject *fit_rows(PyObject *self, PyObject *const *args, Py_ssize_t narg
     }
     Py_END_ALLOW_THREADS
 
+    /* the results of the rows learned: start..i-1, and row i too when it stopped for a merge check */
+    const int64_t *ids = b[IDS].buf;
+    PyTypeObject *type = (PyTypeObject *)cls;
+    int ok = 1;
+    for (Py_ssize_t r = start; r < (event == EV_MERGE ? i + 1 : i) && ok; r++) {
+        PyObject *t = type->tp_alloc(type, 5), *name = PyList_GET_ITEM(labels, out_j[r]);
+        PyObject *v[4] = {PyLong_FromLongLong(ids[out_j[r]]), PyFloat_FromDouble(out_d[r]),
+                          PyFloat_FromDouble(out_c[r]), Py_False};
+        ok = t != NULL && v[0] != NULL && v[1] != NULL && v[2] != NULL;
+        Py_INCREF(Py_False);
+        Py_INCREF(name);
+        if (t != NULL) {  /* as tuple.__new__(cls, items) fills a tuple subclass */
+            for (int q = 0; q < 4; q++)
+                PyTuple_SET_ITEM(t, q, v[q]);
+            PyTuple_SET_ITEM(t, 4, name);
+            ok = ok && PyList_Append(results, t) == 0;
+            Py_DECREF(t);
+        } else {
+            for (int q = 0; q < 4; q++)
+                Py_XDECREF(v[q]);
+            Py_DECREF(name);
+        }
+    }
     for (int q = 0; q < N_BUF; q++)
         if (!(q == XX && cosine))
             PyBuffer_Release(&b[q]);
+    if (!ok)
+        return NULL;
     return Py_BuildValue("nind", i, event, k, dk);
 
 fail:

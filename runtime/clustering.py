@@ -706,8 +706,7 @@ class StreamClusterer:
         if self._cscale < 1e-10:  # as in _fit_batch
             self._renormalise()
         scales = self._cscale * self._decay_powers(n_rows)
-        inv = 1.0 / scales
-        xs = (x * inv[:, None]).astype(np.float32)
+        inv = 1.0 / scales  # the loop adds x * inv to a sum, as _fit_batch's xs
         xx = None if self.distance == "cosine" else (x * x).sum(1, dtype=np.float64)
         out_j = np.empty(n_rows, np.int64)
         out_d = np.empty(n_rows, np.float64)
@@ -731,14 +730,11 @@ class StreamClusterer:
                 if i == n_rows:
                     break
                 end = n_rows if not refine_every else min(n_rows, i + refine_every - (self._pending + i - self._kept))
+                # appends to `out` the Assignment of each row it learned
                 row, event, k, dk = _rowloop.fit_rows(
-                    x, xs, inv, xx, self._search, self._sums, self._counts, self._spread, self._seen, self._last,
-                    self._sqn, out_j, out_d, out_c, self._n, i, end, step0, tau, merge, root_merge, t)
-                stop = row + 1 if event == _ROW_MAY_MERGE else row  # rows i..stop-1 were learned
-                if stop > i:
-                    ids = self._ids
-                    out += [new_tuple(Assignment, (ids.item(j), d, c, False, labels[j]))
-                            for j, d, c in zip(out_j[i:stop].tolist(), out_d[i:stop].tolist(), out_c[i:stop].tolist())]
+                    x, inv, xx, self._search, self._sums, self._counts, self._spread, self._seen, self._last,
+                    self._sqn, self._ids, out_j, out_d, out_c, self._n, i, end, step0, tau, merge, root_merge, t,
+                    labels, Assignment, out)
                 if event == _ROWS_DONE:
                     self._step, self._cscale = step0 + row, scales.item(row - 1)
                     i = row

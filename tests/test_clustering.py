@@ -777,25 +777,33 @@ def test_compiled_loop_refuses_arrays_of_the_wrong_kind(loop):
         pytest.skip("the compiled loop only")
     fit_rows = clustering._rowloop.fit_rows
     rows, cap, d = 4, 8, D
-    good = dict(x=np.zeros((rows, d), np.float32), xs=np.zeros((rows, d), np.float32), inv=np.ones(rows),
+    good = dict(x=np.zeros((rows, d), np.float32), inv=np.ones(rows),
                 xx=None, search=np.zeros((cap, d), np.float32), sums=np.zeros((cap, d), np.float32),
                 counts=np.zeros(cap), spread=np.zeros(cap), seen=np.zeros(cap, np.int64),
-                last=np.zeros(cap, np.int64), sqn=np.zeros(cap, np.float32), out_j=np.zeros(rows, np.int64),
-                out_d=np.zeros(rows), out_c=np.zeros(rows))
+                last=np.zeros(cap, np.int64), sqn=np.zeros(cap, np.float32), ids=np.arange(cap) + 7,
+                out_j=np.zeros(rows, np.int64), out_d=np.zeros(rows), out_c=np.zeros(rows))
 
-    def call(n=2, end=rows, **bad):
-        return fit_rows(*{**good, **bad}.values(), n, 0, end, 0, 0.5, 0.1, 0.3, 10.0)
+    def call(n=2, end=rows, labels=None, cls=clustering.Assignment, out=None, **bad):
+        labels = ["x", None] if labels is None else labels
+        return fit_rows(*{**good, **bad}.values(), n, 0, end, 0, 0.5, 0.0, 0.0, 10.0,  # merging off
+                        labels, cls, [] if out is None else out)
 
     good["search"][:2, 0] = good["x"][:, 0] = 1.0
-    assert call()[:2] == (rows, 0)  # all four join slot 0
+    results = []
+    assert call(out=results)[:2] == (rows, 0)  # all four join slot 0: cluster id 7, named "x"
+    assert [(type(a), a.cluster_id, a.new_cluster, a.label) for a in results] == [(clustering.Assignment, 7, False, "x")] * 4
+    assert results[0].distance == 0.0 and 0 < results[0].confidence <= 1
     for bad in ({"x": np.zeros((rows, d))}, {"sums": np.zeros((cap, d + 1), np.float32)},
                 {"counts": np.zeros(1)}, {"out_j": np.zeros(rows - 1, np.int64)},
                 {"seen": np.zeros(cap, np.int32)}, {"search": np.zeros((cap, d), np.float32)[:, ::2]},
-                {"xx": np.zeros(1)}):
+                {"xx": np.zeros(1)}, {"ids": np.zeros(1, np.int64)}):
         with pytest.raises((ValueError, BufferError)):
             call(**bad)
+    for bad in ({"labels": ["x"]}, {"labels": ("x", None)}, {"cls": dict}, {"out": ()}):
+        with pytest.raises(TypeError):
+            call(**bad)
     with pytest.raises(ValueError):
-        call(n=cap + 1)  # more slots than the arrays hold
+        call(n=cap + 1, labels=[None] * (cap + 1))  # more slots than the arrays hold
     with pytest.raises(ValueError):
         call(end=rows + 1)
     ro = good["sums"].copy()
