@@ -672,6 +672,13 @@ class StreamClusterer:
         """Validated float32 rows in the device space, always a new array (rows are kept)."""
         if self.distance == "cosine":
             x = validate_embeddings(X, self.dim, check_finite=False)
+            if self.compiled:  # the lines below in one pass, the same float32 results
+                out = np.empty_like(x)
+                status = _rowloop.unit_rows(x, out)
+                if status:
+                    raise InputError("embeddings contain NaN or infinite values" if status == 1 else
+                                     "an all-zero embedding has no direction for cosine distance")
+                return out
             # the norms as np.linalg.norm(x, axis=1, keepdims=True) computes them, without its
             # ~10 us of checks; NaN or inf in x shows in their sum (an overflow of finite values
             # too, so the exact check decides)

@@ -980,3 +980,28 @@ def test_avx2_scores_are_bit_for_bit_the_sse2_ones(loop, tmp_path):
                              env={**os.environ, **env}, check=True)
         runs.append(out.stdout)
     assert runs[0] == runs[1] and runs[0].count("0x") > 500
+
+
+def test_compiled_normalisation_is_numpys_to_the_bit(loop):
+    """_prepare's cosine normalisation in C (_rowloop.unit_rows) gives numpy's float32 result bit
+    for bit, at every width (numpy's pairwise summation splits rows above 128) and scale, and
+    reports NaN / infinite values and zero rows without writing."""
+    if loop == "numpy" or clustering._rowloop is None:
+        pytest.skip("the compiled loop only")
+    rng = np.random.default_rng(0)
+    for d in [1, 5, 8, 13, 16, 64, 127, 128, 129, 300, 1000]:
+        for scale in (1e-3, 1.0, 1e4):
+            x = (rng.normal(size=(20, d)) * scale).astype(np.float32)
+            out = np.empty_like(x)
+            assert clustering._rowloop.unit_rows(x, out) == 0
+            assert np.array_equal(out, x / np.sqrt(np.add.reduce(x * x, axis=1, keepdims=True)))
+    x = rng.normal(size=(3, 16)).astype(np.float32)
+    for value, status in ((np.nan, 1), (np.inf, 1)):
+        y, out = x.copy(), np.zeros_like(x)
+        y[1, 3] = value
+        assert clustering._rowloop.unit_rows(y, out) == status and not out.any()
+    y = x.copy()
+    y[2] = 0.0
+    assert clustering._rowloop.unit_rows(y, np.empty_like(y)) == 2
+    with pytest.raises(ValueError):
+        clustering._rowloop.unit_rows(x, np.empty((2, 16), np.float32))
