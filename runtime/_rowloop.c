@@ -763,6 +763,69 @@ done:
     return result;
 }
 
+/* ---- find_ids: StreamClusterer._slots_of's lookup of live ids --------------------------------
+ *
+ * find_ids(query, ids, n, out) -> missing: out[i] = the slot s < n with ids[s] == query[i], or -1
+ * (an id merged away, evicted or removed: Python resolves those few through its aliases); returns
+ * how many were not found. Ids are unique, so an open-addressing table of the n live ids answers
+ * each query in a probe or two. */
+static PyObject *find_ids(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (!nargs_ok(nargs, 4, "find_ids"))
+        return NULL;
+    Py_ssize_t n = PyLong_AsSsize_t(args[2]);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "find_ids: n must be >= 0");
+        return NULL;
+    }
+    Py_buffer b[3];  /* query, ids, out */
+    int got = 0;
+    PyObject *result = NULL;
+    int64_t *table = NULL;
+    TAKE(0, "query", 'q', 1, 0, -1, 0);
+    Py_ssize_t m = b[0].shape[0];
+    TAKE(1, "ids", 'q', 1, n, -1, 0);
+    if (get(args[3], &b[2], "out", 'q', 1, m, -1, 1) < 0)  /* (args[2] is n) */
+        goto done;
+    got++;
+    size_t size = 16;
+    while (size < 2 * (size_t)n)
+        size *= 2;
+    table = PyMem_Malloc(sizeof(int64_t) * size);  /* slot numbers, -1 = empty */
+    if (table == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const int64_t *query = b[0].buf, *ids = b[1].buf;
+    int64_t *out = b[2].buf;
+    Py_ssize_t missing = 0;
+    Py_BEGIN_ALLOW_THREADS
+    memset(table, 0xff, sizeof(int64_t) * size);
+    for (Py_ssize_t s = 0; s < n; s++) {
+        size_t h = (size_t)((uint64_t)ids[s] * 0x9E3779B97F4A7C15ull) & (size - 1);
+        while (table[h] >= 0)
+            h = (h + 1) & (size - 1);
+        table[h] = s;
+    }
+    for (Py_ssize_t i = 0; i < m; i++) {
+        size_t h = (size_t)((uint64_t)query[i] * 0x9E3779B97F4A7C15ull) & (size - 1);
+        while (table[h] >= 0 && ids[table[h]] != query[i])
+            h = (h + 1) & (size - 1);
+        out[i] = table[h];
+        missing += table[h] < 0;
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(missing);
+done:
+    PyMem_Free(table);
+    for (int q = 0; q < got; q++)
+        PyBuffer_Release(&b[q]);
+    return result;
+}
+
 /* ---- repair: StreamClusterer._repair's split, reassign and merge steps in one call -------------
  *
  * The same steps as _split, _reassign, _move_members and _merge_close in clustering.py (the numpy
@@ -1474,6 +1537,8 @@ static PyMethodDef methods[] = {
      "Move remembered samples between slots (see the module source)."},
     {"unit_rows", (PyCFunction)(void (*)(void))unit_rows, METH_FASTCALL,
      "Rows scaled to unit length, as numpy's float32 arithmetic gives them (see the module source)."},
+    {"find_ids", (PyCFunction)(void (*)(void))find_ids, METH_FASTCALL,
+     "The slots of live cluster ids, by a hash table (see the module source)."},
     {"repair", (PyCFunction)(void (*)(void))repair, METH_FASTCALL,
      "The repair's split, reassignment and merges in one call, its changes to the clusters logged for Python (see the module source)."},
     {"ward_cut", (PyCFunction)(void (*)(void))ward_cut, METH_FASTCALL,

@@ -1005,3 +1005,24 @@ def test_compiled_normalisation_is_numpys_to_the_bit(loop):
     assert clustering._rowloop.unit_rows(y, np.empty_like(y)) == 2
     with pytest.raises(ValueError):
         clustering._rowloop.unit_rows(x, np.empty((2, 16), np.float32))
+
+
+def test_compiled_id_lookup_finds_live_ids_and_reports_the_others(loop):
+    """_slots_of's lookup in C (_rowloop.find_ids): every live id's slot, -1 and a count for the
+    others (which Python resolves through its aliases), at table sizes around the powers of two."""
+    if loop == "numpy" or clustering._rowloop is None:
+        pytest.skip("the compiled loop only")
+    rng = np.random.default_rng(1)
+    for n in (0, 1, 7, 8, 9, 100, 1024, 3000):
+        ids = rng.choice(10 * n + 10, size=n, replace=False).astype(np.int64)
+        query = np.concatenate([ids, rng.integers(-5, 10 * n + 20, 200)]).astype(np.int64)
+        rng.shuffle(query)
+        out = np.empty(len(query), np.int64)
+        missing = clustering._rowloop.find_ids(query, ids, n, out)
+        slot = {int(v): s for s, v in enumerate(ids)}
+        want = np.array([slot.get(int(q), -1) for q in query])
+        assert np.array_equal(out, want) and missing == int((want < 0).sum())
+    with pytest.raises(ValueError):  # fewer ids than n
+        clustering._rowloop.find_ids(query, ids[:2], 3, out)
+    with pytest.raises(ValueError):  # an output shorter than the query
+        clustering._rowloop.find_ids(query, ids, n, out[:-1])
