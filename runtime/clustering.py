@@ -45,6 +45,7 @@ import os
 import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import NamedTuple
 
 import numpy as np
@@ -344,12 +345,15 @@ class StreamClusterer:
         # "refinements" counts repairs (the name predates them; saved states and metrics use it)
         self._stats = {"created": 0, "evicted": 0, "merged": 0, "split": 0, "dissolved": 0, "refinements": 0,
                        "reclustered": 0}
-        # a ring of the last `memory` samples (row, cluster id, step), and how many arrived since
-        # the last repair: what _repair works on
-        self._mem_x = np.zeros((self.memory, d), np.float32)
-        self._mem_id = np.zeros(self.memory, np.int64)
-        self._mem_step = np.zeros(self.memory, np.int64)
-        self._mem_len = self._mem_pos = 0
+        # the last `memory` samples (row, cluster id, step), what _repair works on, and how many
+        # arrived since the last repair. They are rows _mem_end - _mem_len .. _mem_end - 1 of
+        # buffers twice that long: new rows go after them, and when the end is reached the newest
+        # are moved to the front, so the memory is always one slice (a view; a ring would be
+        # gathered into order for every repair) for about one extra copy of each row.
+        self._mem_x = np.zeros((2 * self.memory, d), np.float32)
+        self._mem_id = np.zeros(2 * self.memory, np.int64)
+        self._mem_step = np.zeros(2 * self.memory, np.int64)
+        self._mem_len = self._mem_end = 0
         self._pending = 0
         self._period = self.refine_every  # samples between repairs (see SPARSE_MEMBERS)
         self._kept = self._batch_step = 0  # see _fit_batch
@@ -662,7 +666,7 @@ class StreamClusterer:
                 raise StateError("saved memory ids/steps do not match its rows")
             m = min(len(wx), self.memory)
             self._mem_x[:m], self._mem_id[:m], self._mem_step[:m] = wx[-m:], wi[-m:], wt[-m:]
-            self._mem_len, self._mem_pos = m, m % self.memory
+            self._mem_len = self._mem_end = m
             # states before the memory outlived a repair saved only the samples since the last one
             self._pending = min(int(meta.get("pending", m)), m)
 
@@ -905,14 +909,17 @@ class StreamClusterer:
         self._pending += b - a
         mem = self.memory
         a = max(a, b - mem)  # only the newest `memory` rows stay
-        start = self._mem_pos
-        # a slice of the ring unless the rows wrap around its end (cheaper than an index array)
-        pos = slice(start, start + b - a) if start + b - a <= mem else (start + np.arange(b - a)) % mem
-        self._mem_x[pos] = self._xb[a:b]
-        self._mem_id[pos] = [r[0] for r in out[a:b]]  # r.cluster_id
-        self._mem_step[pos] = np.arange(self._batch_step + a, self._batch_step + b)
-        self._mem_pos = (start + b - a) % mem
-        self._mem_len = min(self._mem_len + b - a, mem)
+        k, end = b - a, self._mem_end
+        if end + k > 2 * mem:  # the buffers are full: the rows that stay move to the front
+            keep = min(self._mem_len, mem - k)
+            for buf in (self._mem_x, self._mem_id, self._mem_step):
+                buf[:keep] = buf[end - keep:end]
+            end = self._mem_len = keep
+        self._mem_x[end:end + k] = self._xb[a:b]
+        self._mem_id[end:end + k] = list(map(itemgetter(0), out[a:b]))  # .cluster_id
+        self._mem_step[end:end + k] = np.arange(self._batch_step + a, self._batch_step + b)
+        self._mem_end = end + k
+        self._mem_len = min(self._mem_len + k, mem)
 
     def _repair_in_batch(self, n_rows: int, out: list[Assignment]) -> np.ndarray:
         """_repair between two rows of a batch: clusters were split, merged and moved, so the
@@ -957,14 +964,14 @@ class StreamClusterer:
         d = (x * x).sum(1)[:, None] - 2.0 * (x @ self._search[:n].T) + self._sqn[:n][None]
         return np.maximum(d, 0.0)
 
-    def _ring(self) -> np.ndarray:
-        """Positions of the remembered samples in the ring, oldest first."""
-        return np.arange(self._mem_pos - self._mem_len, self._mem_pos) % self.memory
+    def _ring(self) -> slice:
+        """Where the remembered samples are in the memory buffers, oldest first."""
+        return slice(self._mem_end - self._mem_len, self._mem_end)
 
     def _memory(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The remembered samples, oldest first: (rows, cluster ids, steps)."""
+        """The remembered samples, oldest first: (rows, cluster ids, steps), copies."""
         ring = self._ring()
-        return self._mem_x[ring], self._mem_id[ring], self._mem_step[ring]
+        return self._mem_x[ring].copy(), self._mem_id[ring].copy(), self._mem_step[ring].copy()
 
     def _refresh(self, s: int) -> None:
         """Recompute what is searched for slot s after its sum or count changed."""
@@ -1104,14 +1111,14 @@ class StreamClusterer:
         slots = self._slots_of(self._mem_id[ring])
         if (slots < 0).any():  # samples of evicted or removed clusters are forgotten
             keep = slots >= 0
-            ring, slots = ring[keep], slots[keep]
-            m = len(ring)
-            self._mem_x[:m], self._mem_step[:m] = self._mem_x[ring], self._mem_step[ring]
-            ring = np.arange(m)
-            self._mem_len, self._mem_pos = m, m % self.memory
-        if len(ring) < 2:
+            slots = slots[keep]
+            m = len(slots)
+            self._mem_x[:m], self._mem_step[:m] = self._mem_x[ring][keep], self._mem_step[ring][keep]
+            self._mem_len = self._mem_end = m
+            ring = self._ring()
+        if self._mem_len < 2:
             return
-        x = self._mem_x[ring]
+        x = self._mem_x[ring]  # views: the repair writes only the ids
         steps = self._mem_step[ring]
         # each sample was learned with weight 1, decayed since; in stored units that is 1 / its scale
         weight = self.decay ** (self._step - 1 - steps.astype(np.float64)) / self._cscale
@@ -1124,7 +1131,7 @@ class StreamClusterer:
             self._mem_id[ring] = self._ids[slots]  # merges below leave aliases that resolve these
             touched = _distinct(slots, self._n)
             n_touched = len(touched)
-        sparse = len(ring) == self.memory and len(ring) < SPARSE_MEMBERS * n_touched
+        sparse = self._mem_len == self.memory and self._mem_len < SPARSE_MEMBERS * n_touched
         self._period = self.refine_every * (SPARSE_PERIOD if sparse else 1)
         if not self.compiled:
             self._merge_close(touched)
@@ -1134,7 +1141,7 @@ class StreamClusterer:
             free = np.flatnonzero([s >= 0 and labels[s] is None for s in slots.tolist()])
             part = slots[free]
             self._recluster(x[free], part, weight[free])
-            self._mem_id[ring[free]] = self._ids[part]  # the others' ids are unchanged
+            self._mem_id[ring.start + free] = self._ids[part]  # the others' ids are unchanged
         self._stats["refinements"] += 1
 
     def _repair_compiled(self, x: np.ndarray, slots: np.ndarray, weight: np.ndarray, fresh: np.ndarray,

@@ -1026,3 +1026,22 @@ def test_compiled_id_lookup_finds_live_ids_and_reports_the_others(loop):
         clustering._rowloop.find_ids(query, ids[:2], 3, out)
     with pytest.raises(ValueError):  # an output shorter than the query
         clustering._rowloop.find_ids(query, ids, n, out[:-1])
+
+
+def test_repair_memory_holds_the_newest_samples_across_batch_sizes(loop):
+    """The memory is the newest `memory` samples, oldest first, with the cluster each joined and
+    its step, whatever the batches' sizes (one row, a few, more than the memory at once) and
+    however often its buffer has moved its rows to the front."""
+    x, _, _ = blobs(n_classes=6, per_class=60, noise=0.1, seed=3)
+    c = StreamClusterer(D, threshold=0.8, refine_every=10**6, memory=32)  # remembers, never repairs
+    rows, ids, seen = [], [], 0
+    for size in [1, 7, 64, 5, 33, 100, 1, 1, 40, 31, 77]:
+        batch = x[seen % len(x):][:size]
+        out = c.partial_fit(batch)
+        rows += list(c._prepare(batch))
+        ids += [a.cluster_id for a in out]
+        seen += len(batch)
+        mem_x, mem_ids, mem_steps = c._memory()
+        k = min(32, seen)
+        assert np.array_equal(mem_x, np.array(rows[-k:])) and mem_ids.tolist() == ids[-k:]
+        assert mem_steps.tolist() == list(range(seen - k, seen))
