@@ -1,7 +1,8 @@
 /* The stream clusterer's per-sample loop (runtime/clustering.py, StreamClusterer._fit_rows), the
- * repair (repair: split, reassign, dissolve and merge, below; move: the re-clustering's moves), and
- * the repair's re-clustering (ward_cut: runtime/recluster.py's better_partition after its distance
- * matrix).
+ * repair (repair: split, reassign, dissolve and merge, below; move: the re-clustering's moves), the
+ * repair's re-clustering (ward_cut: runtime/recluster.py's better_partition after its distance
+ * matrix), and two helpers of each call (unit_rows: the cosine normalisation; find_ids: the slots of
+ * cluster ids).
  *
  * Each sample must meet the prototypes exactly as the samples before it left them, so the loop is
  * sequential: score every prototype, take the nearest two, and either learn the sample into the
@@ -11,7 +12,7 @@
  * the GIL. What changes the set of clusters between repairs (open, evict, merge) stays in Python:
  * the loop returns at the first row that needs one, and Python calls it again after.
  *
- * Dot products use 8 running sums in a fixed order (SSE2 or NEON vectors where available), so a
+ * Dot products use 8 running sums in a fixed order (AVX2, SSE2 or NEON vectors where available), so a
  * row's scores never depend on where the row sits in the batch (unlike a BLAS matrix product): a
  * batch and the same samples one at a time give bit-identical results. Each sample reads every
  * prototype, so beyond about a thousand clusters the loop is bound by memory bandwidth, and
