@@ -1145,9 +1145,9 @@ class StreamClusterer:
         self._stats["refinements"] += 1
 
     def _repair_compiled(self, x: np.ndarray, slots: np.ndarray, weight: np.ndarray, fresh: np.ndarray,
-                         ring: np.ndarray | None = None) -> int:
+                         ring: slice | None = None) -> int:
         """_split, _reassign and _merge_close, as _rowloop.repair does them on the slot arrays (and
-        the new ids of the memory's ``ring`` positions, if given); then _replay does their part in
+        the new ids of the memory's ``ring`` rows, if given); then _replay does their part in
         the names, ids and aliases. Returns the number of slots the rows touched before the merges
         (what the sparse-memory period counts)."""
         m = len(x)
@@ -1166,8 +1166,7 @@ class StreamClusterer:
             self._seen, self._created, self._last, self._ids, codes, ops, self._n, self.max_clusters,
             max(self._step - 1, 0), self._next_id, self._cscale, self.threshold, SPLIT_DISTANCE, SPLIT_MIN,
             self.merge_threshold, MERGE_CAP, MERGE_COST, self.min_size, self.distance == "cosine")
-        self._replay(ops[:n_ops].tolist())
-        assert self._n == n == len(labels)
+        self._replay(ops[:n_ops].tolist())  # brings self._n to n
         if ring is not None:
             self._mem_id[ring] = mem_ids
         return touched
@@ -1238,8 +1237,9 @@ class StreamClusterer:
 
     def _slots_of(self, ids: np.ndarray) -> np.ndarray:
         """The live slot of each cluster id in ``ids`` (-1 for evicted or removed clusters), merged
-        ids resolved to their survivor. Each distinct id is looked up once; the distinct ids come
-        from a sort, not np.unique (which took ~40 us on the 256 remembered ids, 5x a sort)."""
+        ids resolved to their survivor. Compiled: live ids from a hash table in C, the few others
+        through the aliases. Numpy: each distinct id looked up once in the dict; the distinct ids
+        come from a sort, not np.unique (which took ~40 us on the 256 remembered ids, 5x a sort)."""
         if not len(ids):
             return np.zeros(0, np.int64)
         if self.compiled:  # live ids by a hash table in C; the others (merged, gone) below
